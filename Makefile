@@ -1,0 +1,34 @@
+# The two commands of the README: `make up` brings the whole bus up natively, `make test` runs the suite.
+# Everything else is the `reelbus` CLI (installed into .venv by `make install`).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REELBUS := $(VENV)/bin/reelbus
+
+.PHONY: install up down status test lint bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+up: install
+	$(REELBUS) up
+	$(REELBUS) topics apply
+
+down: install
+	$(REELBUS) down
+
+status: install
+	$(REELBUS) status
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+bench: install
+	$(REELBUS) bench bus

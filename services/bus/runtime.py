@@ -1,0 +1,318 @@
+"""The service runtime every reelbus service runs in.
+
+- Settings from the environment with one prefix per service; a missing or malformed setting ends the
+  process with exit code 2 and a message naming the variable.
+- ``/livez`` (the loop and the root tasks are alive), ``/readyz`` (partitions assigned, producer
+  ready, broker and registry answering), ``/metrics`` (Prometheus).
+- JSON logs carrying trace ids.
+- Root tasks fail together: if the HTTP site, the consume loop or the bus connection ends
+  unexpectedly, everything stops and the process exits non-zero; no zombie consumer behind a green
+  health check.
+- SIGTERM starts a staged shutdown within ``shutdown_grace_seconds``: not ready, stop fetching,
+  finish in-flight work, commit, flush the producer, close the HTTP site and pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.bus.consumer import BusConsumer, ConsumerConfig, Handler, RetryPolicy
+from services.bus.contracts import Contracts
+from services.bus.producer import Producer, ProducerConfig
+from services.bus.registry import RegistryClient, RegistryError, RegistryUnavailable
+from services.bus.serde import Serde
+from services.bus.tracing import setup_tracing, trace_id_hex
+
+log = logging.getLogger("reelbus.runtime")
+
+EXIT_BAD_SETTING = 2
+EXIT_FAILED = 1
+
+
+class BusSettings(BaseSettings):
+    """Settings every service has; a service subclasses this with its own ``env_prefix``."""
+
+    model_config = SettingsConfigDict(env_prefix="REELBUS_", extra="ignore", frozen=True)
+
+    kafka_bootstrap_servers: str = "localhost:9092"
+    registry_url: str = "http://localhost:8081/apis/ccompat/v7"
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
+    instance_id: str = ""
+    shutdown_grace_seconds: float = 20.0
+    log_level: str = "INFO"
+    handler_retry_attempts: int = 5
+
+
+S = TypeVar("S", bound=BusSettings)
+
+
+def load_settings(cls: type[S]) -> S:
+    """Build the settings or exit 2 with one line per bad variable, naming it."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for err in exc.errors():
+            name = (prefix + "_".join(str(p) for p in err["loc"])).upper()
+            print(f"setting {name}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_SETTING) from None
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        trace_id = trace_id_hex()
+        if trace_id:
+            doc["trace_id"] = trace_id
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(service: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+Routes = Callable[[web.Application], None]
+Resource = Callable[[web.Application], AsyncIterator[None]]
+
+
+@dataclass
+class ServiceSpec:
+    """What a service is, for the runtime: its name, its topics, its handler table, its HTTP routes."""
+
+    name: str
+    consumes: Sequence[str] = ()
+    produces: Sequence[str] = ()
+    handlers: Mapping[str, Handler] = field(default_factory=dict)
+    routes: Routes | None = None
+    resources: Sequence[Resource] = ()  # cleanup_ctx entries: set up, yield, tear down
+    group_id: str | None = None
+
+
+class Bus:
+    """The producer, the consumer and what they share, for one service process."""
+
+    def __init__(self, spec: ServiceSpec, settings: BusSettings, contracts: Contracts) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.contracts = contracts
+        self.registry = RegistryClient(settings.registry_url)
+        self.serde = Serde(contracts, self.registry)
+        instance = settings.instance_id or f"{spec.name}-{socket.gethostname()}-{os.getpid()}"
+        self.producer = Producer(
+            ProducerConfig(settings.kafka_bootstrap_servers, client_id=instance), contracts, self.serde
+        )
+        self.consumer: BusConsumer | None = None
+        if spec.consumes:
+            self.consumer = BusConsumer(
+                ConsumerConfig(
+                    bootstrap_servers=settings.kafka_bootstrap_servers,
+                    group_id=spec.group_id or spec.name,
+                    topics=list(spec.consumes),
+                    client_id=instance,
+                    group_instance_id=settings.instance_id or None,
+                    retry=RetryPolicy(attempts=settings.handler_retry_attempts),
+                ),
+                contracts,
+                self.serde,
+                spec.handlers,
+                dead_letters=self.producer,
+            )
+        self.producer_ready = False
+
+    async def start_producer(self) -> None:
+        """Look up schema ids, retrying with backoff while the registry or broker is not there yet."""
+        delay = 0.5
+        while True:
+            try:
+                await self.producer.start(list(self.spec.produces))
+                self.producer_ready = True
+                return
+            except RegistryUnavailable as exc:
+                log.warning(
+                    "waiting for the schema registry at %s (%s); retry in %.1fs",
+                    self.settings.registry_url,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def dependencies_answer(self) -> dict[str, bool]:
+        """Blocking probe of the broker and the registry, for ``/readyz``."""
+        checks: dict[str, bool] = {}
+        try:
+            self.registry.subjects()
+            checks["registry"] = True
+        except (RegistryUnavailable, RegistryError):
+            checks["registry"] = False
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            meta = AdminClient(
+                {"bootstrap.servers": self.settings.kafka_bootstrap_servers, "log_level": 0}
+            ).list_topics(timeout=1.0)
+            checks["kafka"] = bool(meta.brokers)
+        except Exception:
+            checks["kafka"] = False
+        return checks
+
+
+BUS = web.AppKey("bus", Bus)
+SETTINGS = web.AppKey("settings", BusSettings)
+
+
+class ServiceRuntime:
+    def __init__(self, spec: ServiceSpec, settings: BusSettings, contracts: Contracts | None = None) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.contracts = contracts or Contracts.load()
+        self.bus = Bus(spec, settings, self.contracts)
+        self.app = web.Application()
+        self.app[BUS] = self.bus
+        self.app[SETTINGS] = settings
+        self.app.router.add_get("/livez", self._livez)
+        self.app.router.add_get("/readyz", self._readyz)
+        self.app.router.add_get("/metrics", self._metrics)
+        if spec.routes is not None:
+            spec.routes(self.app)
+        self.app.cleanup_ctx.extend(spec.resources)
+        self._shutting_down = False
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.port: int | None = None
+
+    # -- probes ---------------------------------------------------------------------------
+
+    async def _livez(self, _req: web.Request) -> web.Response:
+        dead = [name for name, t in self._tasks.items() if t.done()]
+        body = {"live": not dead, "dead_tasks": dead}
+        return web.json_response(body, status=200 if not dead else 503)
+
+    async def _readyz(self, _req: web.Request) -> web.Response:
+        checks = await asyncio.to_thread(self.bus.dependencies_answer)
+        checks["producer"] = self.bus.producer_ready
+        if self.bus.consumer is not None:
+            checks["partitions_assigned"] = self.bus.consumer.ready
+        checks["not_shutting_down"] = not self._shutting_down
+        ready = all(checks.values())
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+    async def _metrics(self, _req: web.Request) -> web.Response:
+        if self.bus.consumer is not None and self.bus.consumer.ready:
+            await asyncio.to_thread(self.bus.consumer.lag)
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, on_started: Callable[[int], Awaitable[None]] | None = None) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self.settings.http_port
+        log.info("%s listening on http://%s:%s", self.spec.name, self.settings.http_host, self.port)
+        if on_started is not None:
+            await on_started(self.port)
+
+        self._tasks["bus"] = asyncio.create_task(self._run_bus(), name="bus")
+        stopper = asyncio.create_task(stop.wait(), name="sigterm")
+        code = 0
+        try:
+            done, _ = await asyncio.wait(
+                [stopper, *self._tasks.values()], return_when=asyncio.FIRST_COMPLETED
+            )
+            if stopper not in done:
+                failed = next(iter(done))
+                exc = failed.exception() if not failed.cancelled() else None
+                log.error("root task %s ended unexpectedly: %r; stopping the service", failed.get_name(), exc)
+                code = EXIT_FAILED
+        finally:
+            stopper.cancel()
+            code = max(code, await self._shutdown(runner))
+        return code
+
+    async def _run_bus(self) -> None:
+        await self.bus.start_producer()
+        if self.bus.consumer is not None:
+            await self.bus.consumer.run()
+            if not self._shutting_down:
+                raise RuntimeError("the consume loop returned while the service was not stopping")
+        else:
+            await asyncio.Event().wait()  # a producer-only service: live until stopped
+
+    async def _shutdown(self, runner: web.AppRunner) -> int:
+        started = time.monotonic()
+        grace = self.settings.shutdown_grace_seconds
+        self._shutting_down = True  # /readyz turns false at once
+        code = 0
+        try:
+            async with asyncio.timeout(grace):
+                if self.bus.consumer is not None:
+                    self.bus.consumer.stop()  # stop fetching; finishes the record in hand and commits
+                bus_task = self._tasks.get("bus")
+                if bus_task is not None:
+                    if self.bus.consumer is None or not self.bus.producer_ready:
+                        bus_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        try:
+                            await bus_task
+                        except Exception as exc:  # already reported as a root-task failure
+                            log.error("bus task failed: %r", exc)
+                            code = EXIT_FAILED
+                await self.bus.producer.close(timeout=max(1.0, grace - (time.monotonic() - started) - 1))
+                await runner.cleanup()
+        except TimeoutError:
+            log.error("shutdown did not finish within %.1fs; exiting anyway", grace)
+            return EXIT_FAILED
+        log.info("shutdown complete in %.2fs", time.monotonic() - started)
+        return code
+
+
+def serve(spec: ServiceSpec, settings: BusSettings) -> None:
+    """The whole of a service's ``__main__`` after building its settings: logs, traces, run, exit."""
+    setup_logging(spec.name, settings.log_level)
+    provider = setup_tracing(spec.name)
+    try:
+        code = asyncio.run(ServiceRuntime(spec, settings).run())
+    finally:
+        provider.shutdown()
+    raise SystemExit(code)
