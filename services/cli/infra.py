@@ -165,6 +165,11 @@ def _write_pid(layout: Layout, name: str, proc: subprocess.Popen[bytes], command
     layout.pid_file(name).write_text(json.dumps(record))
 
 
+# The children this process started, so their Popen objects live as long as they do (a collected
+# Popen of a running child warns); ``stop_pid`` reaps them.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _spawn(
     layout: Layout,
     name: str,
@@ -190,8 +195,16 @@ def _spawn(
         )
     finally:
         log.close()
+    _CHILDREN[proc.pid] = proc
     _write_pid(layout, name, proc, command)
     return proc
+
+
+def _reap(pid: int) -> None:
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(10)
 
 
 def stop_pid(layout: Layout, name: str, sig: signal.Signals, timeout: float = 45.0) -> str:
@@ -207,11 +220,13 @@ def stop_pid(layout: Layout, name: str, sig: signal.Signals, timeout: float = 45
     while time.monotonic() < deadline:
         if not record.alive():
             layout.pid_file(name).unlink(missing_ok=True)
+            _reap(record.pid)
             return f"stopped (pid {record.pid})"
         with contextlib.suppress(ChildProcessError):
             os.waitpid(record.pid, os.WNOHANG)
         time.sleep(0.1)
     os.kill(record.pid, signal.SIGKILL)
+    _reap(record.pid)
     layout.pid_file(name).unlink(missing_ok=True)
     return f"killed after {timeout:.0f}s (pid {record.pid})"
 
