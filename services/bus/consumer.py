@@ -230,6 +230,8 @@ class BusConsumer:
                 if self._assigned and not self.assigned_event.is_set():
                     self.assigned_event.set()
                 for msg in batch:
+                    if self._stopping.is_set():
+                        break  # the rest of the batch is not committed: it is fetched again later
                     err = msg.error()
                     if err is not None:
                         self._on_error(err)

@@ -54,7 +54,8 @@ class BusSettings(BaseSettings):
     registry_url: str = "http://localhost:8081/apis/ccompat/v7"
     http_host: str = "127.0.0.1"
     http_port: int = 0
-    instance_id: str = ""
+    instance_id: str = ""  # set it to use static group membership (stable per replica)
+    group_id: str = ""  # defaults to the service's name
     shutdown_grace_seconds: float = 20.0
     log_level: str = "INFO"
     handler_retry_attempts: int = 5
@@ -140,7 +141,7 @@ class Bus:
             self.consumer = BusConsumer(
                 ConsumerConfig(
                     bootstrap_servers=settings.kafka_bootstrap_servers,
-                    group_id=spec.group_id or spec.name,
+                    group_id=settings.group_id or spec.group_id or spec.name,
                     topics=list(spec.consumes),
                     client_id=instance,
                     group_instance_id=settings.instance_id or None,
@@ -212,6 +213,7 @@ class ServiceRuntime:
         self.app.cleanup_ctx.extend(spec.resources)
         self._shutting_down = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._helpers: set[asyncio.Task[None]] = set()
         self.port: int | None = None
 
     # -- probes ---------------------------------------------------------------------------
@@ -270,7 +272,32 @@ class ServiceRuntime:
             code = max(code, await self._shutdown(runner))
         return code
 
+    async def _report_waits(self) -> None:
+        """Until ready, say what the service waits for, backing off from 2 s to 30 s."""
+        delay = 2.0
+        while not self._shutting_down:
+            checks = await asyncio.to_thread(self.bus.dependencies_answer)
+            if self.bus.consumer is not None:
+                checks["partitions_assigned"] = self.bus.consumer.ready
+            waiting = [name for name, ok in checks.items() if not ok]
+            if not waiting and self.bus.producer_ready:
+                log.info("ready: %s", ", ".join(checks))
+                return
+            where = {
+                "kafka": f"kafka at {self.settings.kafka_bootstrap_servers}",
+                "registry": f"the schema registry at {self.settings.registry_url}",
+                "partitions_assigned": "a partition assignment",
+            }
+            log.warning(
+                "not ready; waiting for %s", ", ".join(where.get(w, w) for w in waiting) or "the producer"
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
     async def _run_bus(self) -> None:
+        reporter = asyncio.create_task(self._report_waits(), name="readiness-reporter")
+        self._helpers.add(reporter)
+        reporter.add_done_callback(self._helpers.discard)
         await self.bus.start_producer()
         if self.bus.consumer is not None:
             await self.bus.consumer.run()
@@ -303,6 +330,8 @@ class ServiceRuntime:
         except TimeoutError:
             log.error("shutdown did not finish within %.1fs; exiting anyway", grace)
             return EXIT_FAILED
+        for helper in list(self._helpers):
+            helper.cancel()
         log.info("shutdown complete in %.2fs", time.monotonic() - started)
         return code
 

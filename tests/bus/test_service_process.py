@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,6 +76,7 @@ def start_service(tmp_path: Path, bus_infra: Layout) -> Iterator[Any]:
             "SAMPLE_TOPIC": topic.name,
             "SAMPLE_DATABASE_URL": database_url,
             "SAMPLE_HTTP_PORT": str(port),
+            "SAMPLE_GROUP_ID": group,
             "SAMPLE_INSTANCE_ID": group + "-0",
             "SAMPLE_KAFKA_BOOTSTRAP_SERVERS": bus_infra.bootstrap_servers,
             "SAMPLE_REGISTRY_URL": bus_infra.registry_url,
@@ -82,7 +85,6 @@ def start_service(tmp_path: Path, bus_infra: Layout) -> Iterator[Any]:
             "OTEL_EXPORTER_ZIPKIN_ENDPOINT": f"{bus_infra.zipkin_url}/api/v2/spans",
             **env,
         }
-        full_env.pop("SAMPLE_GROUP_ID", None)
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.bus.sample_service"],
@@ -168,7 +170,7 @@ async def test_sigterm_finishes_in_flight_work_and_exits_within_the_grace_period
     assert "shutdown complete" in service.output()
     delivered = await count(database, "SELECT count(*) FROM deliveries")
     effects = await count(database, "SELECT count(*) FROM effects")
-    assert delivered == effects >= 1, "in-flight work finished; nothing half-written"
+    assert delivered == effects == 1, "the record in hand finished, the rest of the batch was left for later"
 
 
 async def test_a_bad_setting_exits_2_naming_the_variable(
@@ -191,7 +193,8 @@ async def test_the_trace_is_connected_across_the_kafka_hop(
     bus_infra: Layout, make_topic: TopicFactory, database: str, start_service: Any, tracing: TracerProvider
 ) -> None:
     contracts, topic = await make_topic(partitions=1)
-    service: Service = start_service(topic, database, unique("sample"))
+    group = unique("sample")
+    service: Service = start_service(topic, database, group)
     await wait_for(lambda: asyncio.to_thread(service.ready), "the service to be ready", 60)
     event = view()
     async with producer_for(bus_infra, contracts, topic) as producer:
@@ -216,5 +219,48 @@ async def test_the_trace_is_connected_across_the_kafka_hop(
     assert producer_span["parentId"] == format(span.get_span_context().span_id, "016x")
     assert consumer_span["tags"]["reelbus.event.id"] == str(event.event_id)
     assert consumer_span["tags"]["reelbus.event.type"] == ViewRecorded.SCHEMA_NAME
+
+    metrics = await asyncio.to_thread(http_text, f"http://127.0.0.1:{service.port}/metrics")
+    assert f'reelbus_consumed_total{{outcome="ok",topic="{topic.name}"}} 1.0' in metrics
+    assert 'reelbus_handler_seconds_count{event_type="reelbus.history.ViewRecorded"} 1.0' in metrics
+    assert f'reelbus_consumer_lag{{group="{group}",partition="0",topic="{topic.name}"}} 0.0' in metrics
     service.proc.send_signal(signal.SIGTERM)
     assert await exited(service, 30) == 0
+
+
+async def test_missing_broker_and_registry_keep_it_unready_and_it_says_what_it_waits_for(
+    make_topic: TopicFactory, database: str, start_service: Any
+) -> None:
+    _, topic = await make_topic()
+    nowhere = free_port()
+    service: Service = start_service(
+        topic,
+        database,
+        unique("sample"),
+        SAMPLE_KAFKA_BOOTSTRAP_SERVERS=f"localhost:{nowhere}",
+        SAMPLE_REGISTRY_URL=f"http://localhost:{nowhere}/apis/ccompat/v7",
+    )
+
+    def unready_and_said() -> bool:
+        out = service.output()
+        return "waiting for the schema registry" in out and f"kafka at localhost:{nowhere}" in out
+
+    await wait_for(lambda: asyncio.to_thread(unready_and_said), "the waiting log lines", 30)
+    body = await asyncio.to_thread(http_json_status, f"http://127.0.0.1:{service.port}/readyz")
+    assert body[0] == 503
+    assert body[1]["checks"]["kafka"] is False and body[1]["checks"]["registry"] is False
+    assert service.proc.poll() is None, "it keeps retrying instead of crashing"
+    service.proc.send_signal(signal.SIGTERM)
+    assert await exited(service, 30) == 0, service.output()
+
+
+def http_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def http_json_status(url: str) -> tuple[int, Any]:
+    try:
+        return 200, http_json(url)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
