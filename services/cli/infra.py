@@ -69,6 +69,8 @@ class Layout:
     zipkin_port: int
     postgres_port: int
     redis_port: int
+    cassandra_port: int
+    cassandra_storage_port: int
 
     @classmethod
     def from_env(cls) -> Layout:
@@ -82,6 +84,8 @@ class Layout:
             zipkin_port=_env_int("REELBUS_ZIPKIN_PORT", 9411),
             postgres_port=_env_int("REELBUS_POSTGRES_PORT", 5432),
             redis_port=_env_int("REELBUS_REDIS_PORT", 6379),
+            cassandra_port=_env_int("REELBUS_CASSANDRA_PORT", 9042),
+            cassandra_storage_port=_env_int("REELBUS_CASSANDRA_STORAGE_PORT", 7000),
         )
 
     @property
@@ -684,6 +688,89 @@ def _zipkin_healthy(layout: Layout) -> bool:
         return False
 
 
+# cassandra -----------------------------------------------------------------------------------
+
+
+def _cassandra_lib(layout: Layout) -> Path:
+    return layout.lib / "cassandra"
+
+
+def _cassandra_install(layout: Layout, progress: Progress) -> None:
+    lib = _cassandra_lib(layout)
+    if any(lib.glob("cassandra-all-*.jar")):
+        return
+    progress("downloading Cassandra (maven)")
+    tmp = lib.with_suffix(".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _mvn(
+        layout,
+        [
+            "-f",
+            str(NATIVE_DIR / "cassandra-pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}",
+            "-DincludeScope=runtime",
+        ],
+        "downloading Cassandra",
+    )
+    tmp.rename(lib)
+
+
+def _cassandra_start(layout: Layout) -> subprocess.Popen[bytes]:
+    data = layout.data / "cassandra"
+    for sub in ("data", "commitlog", "saved_caches", "hints", "cdc_raw"):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    template = (NATIVE_DIR / "cassandra.yaml").read_text()
+    config = layout.home / "config" / "cassandra.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(
+        template.format(port=layout.cassandra_port, storage_port=layout.cassandra_storage_port, data=data)
+    )
+    options = [
+        line.strip()
+        for line in (NATIVE_DIR / "cassandra-jvm17.options").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    java = find_java(17, "REELBUS_CASSANDRA_JAVA_HOME")
+    cmd = [
+        str(java),
+        "-Xms768m",
+        "-Xmx768m",
+        "-Xss512k",
+        *options,
+        f"-Dcassandra.config=file://{config}",
+        f"-Dcassandra.storagedir={data}",
+        f"-Dcassandra.logdir={layout.logs}",
+        "-Dcassandra-foreground=yes",
+        "-Dcassandra.jmx.local.port=0",
+        f"-Dlogback.configurationFile={NATIVE_DIR / 'cassandra-logback.xml'}",
+        "-cp",
+        f"{_cassandra_lib(layout)}/*",
+        "org.apache.cassandra.service.CassandraDaemon",
+    ]
+    return _spawn(layout, "cassandra", cmd)
+
+
+def _cassandra_ready(layout: Layout) -> bool:
+    """A real CQL query on the native protocol port, not a port check."""
+    try:
+        with socket.create_connection(("127.0.0.1", layout.cassandra_port), timeout=1.0):
+            pass
+    except OSError:
+        return False
+    from cassandra.cluster import Cluster, NoHostAvailable  # noqa: PLC0415 - heavy import
+
+    cluster = Cluster(["127.0.0.1"], port=layout.cassandra_port, connect_timeout=2, protocol_version=5)
+    try:
+        session = cluster.connect()
+        row = session.execute("SELECT release_version FROM system.local", timeout=3).one()
+        return row is not None
+    except (NoHostAvailable, OSError, Exception):  # noqa: BLE001 - any failure means "not ready yet"
+        return False
+    finally:
+        cluster.shutdown()
+
+
 COMPONENTS: tuple[Component, ...] = (
     Component(
         name="postgres",
@@ -719,6 +806,14 @@ COMPONENTS: tuple[Component, ...] = (
         start=_registry_start,
         after=("postgres",),
         start_timeout=120.0,
+    ),
+    Component(
+        name="cassandra",
+        address=lambda lay: f"cql://127.0.0.1:{lay.cassandra_port}",
+        healthy=_cassandra_ready,
+        install=_cassandra_install,
+        start=_cassandra_start,
+        start_timeout=150.0,
     ),
     Component(
         name="zipkin",
