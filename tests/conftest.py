@@ -10,23 +10,30 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.bus.admin import Admin
+from services.bus.auth import TokenIssuer, load_private_key
 from services.bus.contracts import Contracts, Topic
 from services.bus.registry import RegistryClient
 from services.bus.tracing import setup_tracing
 from services.cli import infra
 
 T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[1]
 
 
 async def wait_for(
@@ -124,3 +131,87 @@ async def make_topic(contracts: Contracts, admin: Admin) -> AsyncIterator[TopicF
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServiceProcess:
+    """A service started by a test, in its own process, on its own port."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        try:
+            return bool(http_json(f"{self.url}/readyz", timeout=3)["ready"])
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        async def probe() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"service exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            return await asyncio.to_thread(self.ready)
+
+        await wait_for(probe, f"{self.log.stem} to be ready", timeout)
+
+
+SpawnService = Callable[..., ServiceProcess]
+
+
+@pytest.fixture
+def spawn_service(tmp_path: Path, bus_infra: infra.Layout) -> Iterator[SpawnService]:
+    """Start ``python -m <module>`` with the bus settings under ``<prefix>``; stopped (by pid) at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(module: str, prefix: str, **env: str) -> ServiceProcess:
+        port = int(env.pop(f"{prefix}HTTP_PORT", 0)) or free_port()
+        log = (
+            tmp_path
+            / f"{module.rsplit('.', 2)[-2 if module.endswith('__main__') else -1]}-{len(started)}.log"
+        )
+        full_env = {
+            **os.environ,
+            f"{prefix}HTTP_PORT": str(port),
+            f"{prefix}KAFKA_BOOTSTRAP_SERVERS": bus_infra.bootstrap_servers,
+            f"{prefix}REGISTRY_URL": bus_infra.registry_url,
+            "OTEL_TRACES_EXPORTER": "zipkin",
+            "OTEL_EXPORTER_ZIPKIN_ENDPOINT": f"{bus_infra.zipkin_url}/api/v2/spans",
+            "REELBUS_HOME": str(bus_infra.home),
+            **env,
+        }
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module], cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT
+            )
+        started.append(proc)
+        return ServiceProcess(proc, port, log)
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def token_issuer(bus_infra: infra.Layout) -> TokenIssuer:
+    """Mints access tokens with the bus's signing key, for tests that call services directly."""
+    return TokenIssuer(load_private_key(bus_infra.home / "keys" / "token-signing.pem"))

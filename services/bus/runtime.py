@@ -25,15 +25,18 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.bus.auth import TokenVerifier, auth_middleware, load_public_key
 from services.bus.consumer import BusConsumer, ConsumerConfig, Handler, RetryPolicy
 from services.bus.contracts import Contracts
+from services.bus.http import MAX_BODY_BYTES, errors_middleware, tracing_middleware
 from services.bus.producer import Producer, ProducerConfig
 from services.bus.registry import RegistryClient, RegistryError, RegistryUnavailable
 from services.bus.serde import Serde
@@ -59,9 +62,16 @@ class BusSettings(BaseSettings):
     shutdown_grace_seconds: float = 20.0
     log_level: str = "INFO"
     handler_retry_attempts: int = 5
+    token_public_key_file: Path = Field(default_factory=lambda: default_keys_dir() / "token-signing.pub.pem")
 
 
 S = TypeVar("S", bound=BusSettings)
+
+
+def default_keys_dir() -> Path:
+    """Where ``reelbus up`` writes the token-signing key pair."""
+    home = os.environ.get("REELBUS_HOME")
+    return (Path(home) if home else Path(__file__).resolve().parents[2] / ".reelbus") / "keys"
 
 
 def load_settings(cls: type[S]) -> S:
@@ -121,6 +131,8 @@ class ServiceSpec:
     routes: Routes | None = None
     resources: Sequence[Resource] = ()  # cleanup_ctx entries: set up, yield, tear down
     group_id: str | None = None
+    # Every request needs a verified access token except the probes and these (method, path) pairs.
+    public_routes: Sequence[tuple[str, str]] = ()
 
 
 class Bus:
@@ -202,7 +214,20 @@ class ServiceRuntime:
         self.settings = settings
         self.contracts = contracts or Contracts.load()
         self.bus = Bus(spec, settings, self.contracts)
-        self.app = web.Application()
+        self.verifier: TokenVerifier | None = None
+        middlewares: list[Any] = [tracing_middleware, errors_middleware]
+        if spec.routes is not None:
+            key_file = settings.token_public_key_file
+            try:
+                self.verifier = TokenVerifier(load_public_key(key_file))
+            except (OSError, ValueError) as exc:
+                prefix = str(type(settings).model_config.get("env_prefix", ""))
+                print(
+                    f"setting {prefix}TOKEN_PUBLIC_KEY_FILE: cannot load {key_file}: {exc}", file=sys.stderr
+                )
+                raise SystemExit(EXIT_BAD_SETTING) from None
+            middlewares.append(auth_middleware(self.verifier, spec.public_routes))
+        self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
         self.app[BUS] = self.bus
         self.app[SETTINGS] = settings
         self.app.router.add_get("/livez", self._livez)

@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.bus.auth import generate_key_pair
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NATIVE_DIR = REPO_ROOT / "deploy" / "native"
 
@@ -872,6 +874,7 @@ async def up(
     comps = select(names)
     for sub in (layout.lib, layout.data, layout.logs, layout.run):
         sub.mkdir(parents=True, exist_ok=True)
+    generate_key_pair(layout.home / "keys")  # the access-token signing keys (accounts signs, all verify)
     # Installs run one at a time (Maven and apt each take a lock of their own) but before any start.
     for comp in comps:
         await asyncio.to_thread(comp.install, layout, say)
