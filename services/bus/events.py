@@ -55,6 +55,49 @@ def _optional(convert: Callable[[Any], _T], value: Any) -> _T | None:
     return None if value is None else convert(value)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProfileCreated:
+    """A viewer profile was created under an account; services that check profile ownership project these."""
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.accounts.ProfileCreated"
+
+    #: Unique id of this event; consumers deduplicate on it.
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    #: When the event happened (UTC).
+    event_time: datetime = field(default_factory=_now_ms)
+    #: Account that owns the profile; also the Kafka key.
+    account_id: uuid.UUID
+    #: The new profile.
+    profile_id: uuid.UUID
+    #: Display name of the profile.
+    name: str
+    #: Whether the profile is a kids profile.
+    kids: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "event_id": self.event_id,
+            "event_time": self.event_time,
+            "account_id": self.account_id,
+            "profile_id": self.profile_id,
+            "name": self.name,
+            "kids": self.kids,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            event_id=_as_uuid(record["event_id"]),
+            event_time=_as_datetime(record["event_time"]),
+            account_id=_as_uuid(record["account_id"]),
+            profile_id=_as_uuid(record["profile_id"]),
+            name=record["name"],
+            kids=record.get("kids", False),
+        )
+
+
 class AnomalyKind(enum.StrEnum):
     """Category of anomaly."""
 
@@ -560,8 +603,53 @@ class ChangeType(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TitleSnapshot:
+    """The title as it is after the change (absent for DELETED)."""
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.catalog.TitleSnapshot"
+
+    #: Display name.
+    name: str
+    #: Genre names, e.g. "drama".
+    genres: list[str]
+    #: Running time in milliseconds.
+    runtime_ms: int
+    #: Year of first release.
+    release_year: int
+    #: Maturity rating, e.g. "TV-14".
+    maturity_rating: str
+    #: The title's bitrate ladder: encoded bitrates in kbit/s, ascending.
+    ladder_kbps: list[int]
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "name": self.name,
+            "genres": self.genres,
+            "runtime_ms": self.runtime_ms,
+            "release_year": self.release_year,
+            "maturity_rating": self.maturity_rating,
+            "ladder_kbps": self.ladder_kbps,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            name=record["name"],
+            genres=record["genres"],
+            runtime_ms=record["runtime_ms"],
+            release_year=record["release_year"],
+            maturity_rating=record["maturity_rating"],
+            ladder_kbps=record["ladder_kbps"],
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TitleChanged:
-    """A catalog title was created, updated or deleted; caches of that title must be invalidated."""
+    """A catalog title was created, updated or deleted; caches of that title must be invalidated, and
+    projections (playback's) take the new state from `title`.
+    """
 
     SCHEMA_NAME: ClassVar[str] = "reelbus.catalog.TitleChanged"
 
@@ -577,6 +665,9 @@ class TitleChanged:
     fields_changed: list[str]
     #: Version of the title after the change, increasing by one per change; lets caches drop stale events.
     title_version: int
+    #: Snapshot of the title after the change, so consumers need no synchronous call to the catalog; null for
+    #: DELETED and for events written before this field existed.
+    title: TitleSnapshot | None = None
 
     def to_record(self) -> dict[str, Any]:
         """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
@@ -587,6 +678,7 @@ class TitleChanged:
             "change": self.change.value,
             "fields_changed": self.fields_changed,
             "title_version": self.title_version,
+            "title": None if self.title is None else self.title.to_record(),
         }
 
     @classmethod
@@ -599,6 +691,7 @@ class TitleChanged:
             change=ChangeType(record["change"]),
             fields_changed=record["fields_changed"],
             title_version=record["title_version"],
+            title=_optional(TitleSnapshot.from_record, record.get("title")),
         )
 
 
@@ -1405,6 +1498,7 @@ class BitrateSample:
 EVENT_TYPES: dict[str, type[AvroEvent]] = {
     cls.SCHEMA_NAME: cls
     for cls in (
+        ProfileCreated,
         AnomalyDetected,
         PaymentFailed,
         PaymentSucceeded,
