@@ -71,8 +71,7 @@ def layout() -> infra.Layout:
 
 @pytest.fixture(scope="session")
 def bus_infra(layout: infra.Layout) -> Iterator[infra.Layout]:
-    names = ["postgres", "kafka", "registry", "zipkin"]
-    result = asyncio.run(infra.up(layout, names, progress=lambda m: print(f"[infra] {m}", flush=True)))
+    result = asyncio.run(infra.up(layout, progress=lambda m: print(f"[infra] {m}", flush=True)))
     try:
         yield layout
     finally:

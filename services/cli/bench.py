@@ -32,18 +32,53 @@ import platform
 import re
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import confluent_kafka
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import NewTopic
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.bus.admin import Admin
+from services.bus.consumer import BusConsumer, ConsumerConfig, ConsumerDied, Record
+from services.bus.contracts import ContractError, Contracts, Topic
+from services.bus.events import Heartbeat
+from services.bus.producer import (
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_PRODUCER,
+    Delivered,
+    DeliveryFailed,
+    Producer,
+    ProducerConfig,
+)
+from services.bus.registry import RegistryClient, RegistryError, RegistryUnavailable
+from services.bus.serde import Serde
+from services.bus.tracing import setup_tracing
 from services.cli import infra
 
 PRODUCER_PERF = "org.apache.kafka.tools.ProducerPerformance"
 CONSUMER_PERF = "org.apache.kafka.tools.ConsumerPerformance"
 MODEL_TOPIC = "playback.events"  # the declared topic that carries Heartbeat
 MIB = 1024 * 1024
+# ProducerPerformance's settings, matched to ProducerConfig.librdkafka() where Java has the same knob.
+KAFKA_PRODUCER_PROPS = (
+    "acks=all",
+    "enable.idempotence=true",
+    "linger.ms=5",
+    "compression.type=lz4",
+    "batch.size=1000000",
+    "delivery.timeout.ms=120000",
+)
 
 Say = Callable[[str], None]
 
@@ -256,8 +291,6 @@ def render_table(result: BenchResult) -> str:
 
 
 def machine_info(layout: infra.Layout) -> dict[str, Any]:
-    import confluent_kafka
-
     cpu_model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -308,16 +341,13 @@ class HeartbeatSource:
     BITRATES = (2350, 3000, 4300, 5800)
 
     def __init__(self, pool: int = 1024) -> None:
-        from services.bus.events import Heartbeat
-
-        self._cls = Heartbeat
         self.sessions = [uuid.uuid4() for _ in range(pool)]
         self.profiles = [uuid.uuid4() for _ in range(pool)]
         self.titles = [f"tt{1_000_000 + i:07d}" for i in range(pool)]
 
-    def event(self, i: int) -> Any:
+    def event(self, i: int) -> Heartbeat:
         n = len(self.sessions)
-        return self._cls(
+        return Heartbeat(
             session_id=self.sessions[i % n],
             profile_id=self.profiles[(i * 7) % n],
             title_id=self.titles[(i * 13) % n],
@@ -329,7 +359,7 @@ class HeartbeatSource:
             rebuffer_ms=0,
         )
 
-    def key(self, event: Any) -> str:
+    def key(self, event: Heartbeat) -> str:
         return str(event.session_id)
 
 
@@ -384,30 +414,26 @@ async def run_java(layout: infra.Layout, label: str, main: str, args: Sequence[s
     return lines
 
 
-def _setup_tracing(mode: str) -> Any:
+def _setup_tracing(mode: str) -> TracerProvider | None:
     """``recorded``: spans are made and propagated but not exported; ``exported``: as a service does
     (``setup_tracing``, the ``OTEL_*`` settings, Zipkin by default); ``off``: the no-op API."""
     if mode == "off":
         return None
     if mode == "exported":
-        from services.bus.tracing import setup_tracing
-
+        zipkin = infra.Layout.from_env().zipkin_url
+        os.environ.setdefault("OTEL_EXPORTER_ZIPKIN_ENDPOINT", f"{zipkin}/api/v2/spans")
         return setup_tracing("reelbus-bench")
-    from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-
     provider = TracerProvider(resource=Resource.create({"service.name": "reelbus-bench"}))
     trace.set_tracer_provider(provider)
     return provider
 
 
 async def produce_events(
-    producer: Any, topic: Any, source: HeartbeatSource, count: int, window: int, label: str, say: Say
+    producer: Producer, topic: Topic, source: HeartbeatSource, count: int, window: int, label: str, say: Say
 ) -> float:
     """Send ``count`` new events through ``Producer.produce``; at most ``window`` unacknowledged.
     Returns the seconds from the first event built to the last one acknowledged."""
-    pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+    pending: collections.deque[asyncio.Future[Delivered]] = collections.deque()
     started = time.perf_counter()
     next_report = started + 2.0
     for i in range(count):
@@ -426,21 +452,18 @@ async def produce_events(
 
 async def consume_events(
     layout: infra.Layout,
-    contracts: Any,
-    serde: Any,
+    contracts: Contracts,
+    serde: Serde,
     topic_name: str,
     expected: int,
     group: str,
-    dead_letters: Any,
+    dead_letters: Producer,
     label: str,
     say: Say,
     stall_timeout: float = 60.0,
 ) -> float:
     """A BusConsumer with a counting handler; returns the seconds from the first record handled to
     the ``expected``-th."""
-    from services.bus.consumer import BusConsumer, ConsumerConfig, Record
-    from services.bus.events import Heartbeat
-
     count = 0
     first = last = 0.0
     consumer: BusConsumer | None = None
@@ -486,15 +509,6 @@ async def consume_events(
 
 
 async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResult:
-    from confluent_kafka.admin import NewTopic
-
-    from services.bus.admin import Admin
-    from services.bus.contracts import Contracts
-    from services.bus.events import Heartbeat
-    from services.bus.producer import Producer, ProducerConfig
-    from services.bus.registry import RegistryClient
-    from services.bus.serde import Serde
-
     check_bus(layout)
     machine = machine_info(layout)
     run_id = uuid.uuid4().hex[:10]
@@ -509,7 +523,7 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
     registry = RegistryClient(layout.registry_url)
     admin = Admin(layout.bootstrap_servers, registry)
     groups = [f"bench-{run_id}-{name}" for name in ("kafka", "warmup", "bus")]
-    made: list[str] = []
+    ours = [topic.name, topic.dlq, warm.name, warm.dlq, raw_topic]
     provider = _setup_tracing(opts.tracing)
     source = HeartbeatSource()
     try:
@@ -517,7 +531,6 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
         plan = await asyncio.to_thread(admin.apply, contracts, [topic.name, warm.name])
         if plan.refusals:
             raise BenchError("cannot create the bench topics: " + "; ".join(plan.refusals))
-        made += [topic.name, topic.dlq, warm.name, warm.dlq]
         futures = admin.kafka.create_topics(
             [
                 NewTopic(
@@ -527,7 +540,6 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
         )
         for future in futures.values():
             await asyncio.to_thread(future.result, 30)
-        made.append(raw_topic)
 
         producer_serde = Serde(contracts, registry)
         producer = Producer(
@@ -557,6 +569,7 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
                     "window": opts.window,
                     "tracing": opts.tracing,
                     "run_id": run_id,
+                    "kafka_producer_props": list(KAFKA_PRODUCER_PROPS),
                     "producer": {
                         k: v
                         for k, v in ProducerConfig(layout.bootstrap_servers, "x").librdkafka().items()
@@ -584,12 +597,7 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
                     "--producer-props",
                     f"bootstrap.servers={layout.bootstrap_servers}",
                     f"client.id=bench-{run_id}-kafka",
-                    "acks=all",
-                    "enable.idempotence=true",
-                    "linger.ms=5",
-                    "compression.type=lz4",
-                    "batch.size=1000000",
-                    "delivery.timeout.ms=120000",
+                    *KAFKA_PRODUCER_PROPS,
                 ],
                 say,
             )
@@ -680,18 +688,20 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
     finally:
         if provider is not None:
             provider.shutdown()
-        say(f"deleting {', '.join(made) or 'nothing'} and consumer groups {', '.join(groups)}")
         try:
+            existing = await asyncio.to_thread(admin.existing_topics)
+            made = [name for name in ours if name in existing]
+            say(f"run {run_id}: deleting {', '.join(made) or 'no topics'}, its consumer groups and subjects")
             await asyncio.to_thread(admin.delete_topics, made)
         except Exception as exc:
-            say(f"could not delete the bench topics: {exc}")
+            say(f"could not delete the bench topics ({', '.join(ours)}): {exc}")
         await asyncio.to_thread(_delete_groups, admin, groups)
+        subjects = [s for t in (topic, warm) for s in (t.key_subject, t.value_subject(Heartbeat.SCHEMA_NAME))]
+        await asyncio.to_thread(_delete_subjects, layout.registry_url, subjects, say)
 
 
-def _header_bytes(producer: Any, event: Any, tracing: str) -> int:
+def _header_bytes(producer: Producer, event: Heartbeat, tracing: str) -> int:
     """Bytes of the headers the bus puts on a record (names and values), traceparent included."""
-    from services.bus.producer import HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_PRODUCER
-
     size = len(HEADER_EVENT_TYPE) + len(event.SCHEMA_NAME)
     size += len(HEADER_EVENT_ID) + len(str(event.event_id))
     size += len(HEADER_PRODUCER) + len(producer.config.client_id)
@@ -700,7 +710,7 @@ def _header_bytes(producer: Any, event: Any, tracing: str) -> int:
     return size
 
 
-def _delete_groups(admin: Any, groups: list[str]) -> None:
+def _delete_groups(admin: Admin, groups: list[str]) -> None:
     try:
         futures = admin.kafka.delete_consumer_groups(groups, request_timeout=10)
     except Exception:
@@ -709,6 +719,23 @@ def _delete_groups(admin: Any, groups: list[str]) -> None:
         # A group that never committed does not exist: nothing to delete.
         with contextlib.suppress(Exception):
             future.result(10)
+
+
+def _delete_subjects(registry_url: str, subjects: list[str], say: Say) -> None:
+    """Soft-delete, then permanently delete, the registry subjects the bench topics registered."""
+    for subject in subjects:
+        path = f"{registry_url.rstrip('/')}/subjects/{urllib.parse.quote(subject, safe='')}"
+        for url in (path, path + "?permanent=true"):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=10):
+                    pass
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:  # 404: never registered (the run stopped early)
+                    say(f"could not delete subject {subject}: HTTP {exc.code}")
+                break
+            except (urllib.error.URLError, OSError) as exc:
+                say(f"could not delete subject {subject}: {exc}")
+                return
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -742,6 +769,16 @@ def cmd_bench_bus(args: argparse.Namespace) -> int:
         result = asyncio.run(bench_bus(layout, opts, _progress))
     except BenchError as exc:
         print(f"reelbus bench: {exc}", file=sys.stderr)
+        return 1
+    except (
+        ContractError,
+        ConsumerDied,
+        DeliveryFailed,
+        KafkaException,
+        RegistryError,
+        RegistryUnavailable,
+    ) as exc:
+        print(f"reelbus bench: the bench failed: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
