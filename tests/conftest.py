@@ -72,6 +72,9 @@ def layout() -> infra.Layout:
 @pytest.fixture(scope="session")
 def bus_infra(layout: infra.Layout) -> Iterator[infra.Layout]:
     result = asyncio.run(infra.up(layout, progress=lambda m: print(f"[infra] {m}", flush=True)))
+    # The declared topics and schemas, as `make up` applies them (services' tests use them).
+    applied = Admin(layout.bootstrap_servers, RegistryClient(layout.registry_url)).apply(Contracts.load())
+    assert not applied.refusals, applied.refusals
     try:
         yield layout
     finally:
