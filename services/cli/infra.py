@@ -672,14 +672,14 @@ def _zipkin_start(layout: Layout) -> subprocess.Popen[bytes]:
     cmd = [
         str(java),
         "-Xms64m",
-        "-Xmx256m",
+        "-Xmx512m",
         "-jar",
         str(_zipkin_jar(layout)),
         "--server.address=127.0.0.1",
         f"--server.port={layout.zipkin_port}",
         "--logging.level.root=WARN",
     ]
-    return _spawn(layout, "zipkin", cmd, env={"STORAGE_TYPE": "mem", "MEM_MAX_SPANS": "500000"})
+    return _spawn(layout, "zipkin", cmd, env={"STORAGE_TYPE": "mem", "MEM_MAX_SPANS": "200000"})
 
 
 def _zipkin_healthy(layout: Layout) -> bool:
