@@ -30,7 +30,7 @@ from services.bus.auth import TokenIssuer, load_private_key
 from services.bus.contracts import Contracts, Topic
 from services.bus.registry import RegistryClient
 from services.bus.tracing import setup_tracing
-from services.cli import infra
+from services.cli import infra, stack
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,8 @@ def layout() -> infra.Layout:
 
 @pytest.fixture(scope="session")
 def bus_infra(layout: infra.Layout) -> Iterator[infra.Layout]:
-    result = asyncio.run(infra.up(layout, progress=lambda m: print(f"[infra] {m}", flush=True)))
+    say = lambda m: print(f"[infra] {m}", flush=True)  # noqa: E731
+    result = asyncio.run(infra.up(layout, list(stack.INFRA), progress=say))
     # The declared topics and schemas, as `make up` applies them (services' tests use them).
     applied = Admin(layout.bootstrap_servers, RegistryClient(layout.registry_url)).apply(Contracts.load())
     assert not applied.refusals, applied.refusals

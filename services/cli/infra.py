@@ -176,7 +176,7 @@ def _write_pid(layout: Layout, name: str, proc: subprocess.Popen[bytes], command
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def _spawn(
+def spawn(
     layout: Layout,
     name: str,
     command: Sequence[str],
@@ -240,7 +240,7 @@ def stop_pid(layout: Layout, name: str, sig: signal.Signals, timeout: float = 45
 # --- health probes ---------------------------------------------------------------------------
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return 200 <= int(resp.status) < 300
@@ -445,7 +445,7 @@ def _pg_start(layout: Layout) -> subprocess.Popen[bytes]:
         "-c",
         "fsync=on",
     ]
-    return _spawn(layout, "postgres", cmd, user=_pg_user())
+    return spawn(layout, "postgres", cmd, user=_pg_user())
 
 
 def psql(layout: Layout, sql: str, database: str = "postgres") -> str:
@@ -512,7 +512,7 @@ def _redis_start(layout: Layout) -> subprocess.Popen[bytes]:
         "--maxmemory-policy",
         "allkeys-lru",
     ]
-    return _spawn(layout, "redis", cmd)
+    return spawn(layout, "redis", cmd)
 
 
 # kafka ---------------------------------------------------------------------------------------
@@ -593,7 +593,7 @@ def _kafka_start(layout: Layout) -> subprocess.Popen[bytes]:
         "kafka.Kafka",
         str(config),
     ]
-    return _spawn(layout, "kafka", cmd)
+    return spawn(layout, "kafka", cmd)
 
 
 # apicurio registry ---------------------------------------------------------------------------
@@ -642,7 +642,7 @@ def _registry_start(layout: Layout) -> subprocess.Popen[bytes]:
         "QUARKUS_LOG_CONSOLE_JSON": "false",
     }
     cmd = [str(java), "-Xms128m", "-Xmx384m", "-jar", str(_registry_dir(layout) / "quarkus-run.jar")]
-    return _spawn(layout, "registry", cmd, env=env, cwd=_registry_dir(layout))
+    return spawn(layout, "registry", cmd, env=env, cwd=_registry_dir(layout))
 
 
 # zipkin --------------------------------------------------------------------------------------
@@ -679,7 +679,7 @@ def _zipkin_start(layout: Layout) -> subprocess.Popen[bytes]:
         f"--server.port={layout.zipkin_port}",
         "--logging.level.root=WARN",
     ]
-    return _spawn(layout, "zipkin", cmd, env={"STORAGE_TYPE": "mem", "MEM_MAX_SPANS": "200000"})
+    return spawn(layout, "zipkin", cmd, env={"STORAGE_TYPE": "mem", "MEM_MAX_SPANS": "200000"})
 
 
 def _zipkin_healthy(layout: Layout) -> bool:
@@ -750,7 +750,7 @@ def _cassandra_start(layout: Layout) -> subprocess.Popen[bytes]:
         f"{_cassandra_lib(layout)}/*",
         "org.apache.cassandra.service.CassandraDaemon",
     ]
-    return _spawn(layout, "cassandra", cmd)
+    return spawn(layout, "cassandra", cmd)
 
 
 def _cassandra_ready(layout: Layout) -> bool:
@@ -803,7 +803,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         name="registry",
         address=lambda lay: lay.registry_url,
-        healthy=lambda lay: _http_ok(f"{lay.registry_url}/subjects"),
+        healthy=lambda lay: http_ok(f"{lay.registry_url}/subjects"),
         install=_registry_install,
         start=_registry_start,
         after=("postgres",),
@@ -830,13 +830,21 @@ COMPONENTS: tuple[Component, ...] = (
 BY_NAME = {c.name: c for c in COMPONENTS}
 
 
+def all_components() -> list[Component]:
+    """The infrastructure, then the services this checkout has (``services/cli/stack.py``)."""
+    from services.cli.stack import service_components
+
+    return [*COMPONENTS, *service_components()]
+
+
 def select(names: Sequence[str] | None) -> list[Component]:
+    known = {c.name: c for c in all_components()}
     if not names:
-        return list(COMPONENTS)
-    unknown = [n for n in names if n not in BY_NAME]
+        return list(known.values())
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise InfraError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
-    return [BY_NAME[n] for n in names]
+        raise InfraError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return [known[n] for n in names]
 
 
 # --- orchestration ---------------------------------------------------------------------------
@@ -878,7 +886,7 @@ async def up(
     # Installs run one at a time (Maven and apt each take a lock of their own) but before any start.
     for comp in comps:
         await asyncio.to_thread(comp.install, layout, say)
-    done: dict[str, asyncio.Event] = {c.name: asyncio.Event() for c in COMPONENTS}
+    done: dict[str, asyncio.Event] = {c.name: asyncio.Event() for c in all_components()}
     started: list[str] = []
     reused: list[str] = []
 

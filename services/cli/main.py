@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="install what is missing and start the bus natively")
-    p.add_argument("components", nargs="*", help=f"some of: {', '.join(infra.BY_NAME)} (default all)")
+    p.add_argument("components", nargs="*", help="some of the components (default: all, services included)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop, by pid, what `up` started")
