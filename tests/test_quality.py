@@ -57,7 +57,7 @@ def test_services_share_only_the_bus_library() -> None:
         if package.name == "bus":
             allowed = {"bus"}  # the library depends on no service
         if package.name == "cli":
-            allowed = everything  # the operator's tool drives services (simulators, evaluations); none imports it
+            allowed = everything  # the operator tool drives services (simulators, evaluations)
         for path in package.rglob("*.py"):
             for other in imported_services(path) - allowed:
                 violations.append(f"{path.relative_to(REPO)} imports services.{other}")
