@@ -133,6 +133,12 @@ class ServiceSpec:
     group_id: str | None = None
     # Every request needs a verified access token except the probes and these (method, path) pairs.
     public_routes: Sequence[tuple[str, str]] = ()
+    # Long-running loops of the service (an outbox relay, a periodic job): started once the producer
+    # is ready, they fail together with the consume loop and the HTTP site; cancelled at shutdown
+    # after the consumer stopped and before the producer is flushed.
+    root_tasks: Mapping[str, Callable[[web.Application], Awaitable[None]]] = field(default_factory=dict)
+    # Extra readiness checks (the service's database, say), each answering within 2 s.
+    ready_checks: Mapping[str, Callable[[web.Application], Awaitable[bool]]] = field(default_factory=dict)
 
 
 class Bus:
@@ -239,6 +245,7 @@ class ServiceRuntime:
         self._shutting_down = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._helpers: set[asyncio.Task[None]] = set()
+        self._producer_ready = asyncio.Event()
         self.port: int | None = None
 
     # -- probes ---------------------------------------------------------------------------
@@ -253,6 +260,13 @@ class ServiceRuntime:
         checks["producer"] = self.bus.producer_ready
         if self.bus.consumer is not None:
             checks["partitions_assigned"] = self.bus.consumer.ready
+        for name, check in self.spec.ready_checks.items():
+            try:
+                async with asyncio.timeout(2.0):
+                    checks[name] = bool(await check(self.app))
+            except Exception as exc:  # a failing probe is "not ready", never a 500
+                log.warning("readiness check %s failed: %r", name, exc)
+                checks[name] = False
         checks["not_shutting_down"] = not self._shutting_down
         ready = all(checks.values())
         return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
@@ -281,6 +295,8 @@ class ServiceRuntime:
             await on_started(self.port)
 
         self._tasks["bus"] = asyncio.create_task(self._run_bus(), name="bus")
+        for name, loop_fn in self.spec.root_tasks.items():
+            self._tasks[name] = asyncio.create_task(self._run_root(name, loop_fn), name=name)
         stopper = asyncio.create_task(stop.wait(), name="sigterm")
         code = 0
         try:
@@ -296,6 +312,13 @@ class ServiceRuntime:
             stopper.cancel()
             code = max(code, await self._shutdown(runner))
         return code
+
+    async def _run_root(self, name: str, loop_fn: Callable[[web.Application], Awaitable[None]]) -> None:
+        while not self.bus.producer_ready:
+            await self._producer_ready.wait()
+        await loop_fn(self.app)
+        if not self._shutting_down:
+            raise RuntimeError(f"root task {name} returned while the service was not stopping")
 
     async def _report_waits(self) -> None:
         """Until ready, say what the service waits for, backing off from 2 s to 30 s."""
@@ -324,6 +347,7 @@ class ServiceRuntime:
         self._helpers.add(reporter)
         reporter.add_done_callback(self._helpers.discard)
         await self.bus.start_producer()
+        self._producer_ready.set()
         if self.bus.consumer is not None:
             await self.bus.consumer.run()
             if not self._shutting_down:
@@ -340,6 +364,15 @@ class ServiceRuntime:
             async with asyncio.timeout(grace):
                 if self.bus.consumer is not None:
                     self.bus.consumer.stop()  # stop fetching; finishes the record in hand and commits
+                for name, task in self._tasks.items():
+                    if name != "bus" and not task.done():
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            try:
+                                await task
+                            except Exception as exc:
+                                log.error("root task %s failed: %r", name, exc)
+                                code = EXIT_FAILED
                 bus_task = self._tasks.get("bus")
                 if bus_task is not None:
                     if self.bus.consumer is None or not self.bus.producer_ready:

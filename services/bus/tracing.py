@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -44,6 +45,7 @@ ATTR_PROFILE_ID = "reelbus.profile_id"
 ATTR_ACCOUNT_ID = "reelbus.account_id"
 ATTR_SESSION_ID = "reelbus.playback.session_id"
 ATTR_DLQ_REASON = "reelbus.dlq.reason"
+ATTR_UPSTREAM = "reelbus.gateway.upstream"
 
 
 class TracingSettingError(ValueError):
@@ -113,3 +115,22 @@ def extract_context(headers: Iterable[tuple[str, HeaderValue]] | None) -> Contex
 def trace_id_hex() -> str | None:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def context_headers(context: Context | None = None) -> KafkaHeaders:
+    """The propagation headers (``traceparent`` and what else the global propagator writes) for
+    ``context`` (default: the current one), as Kafka header pairs; computed once, put on many records."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
+    return [(k, v.encode()) for k, v in carrier.items()]
+
+
+def propagation_fields() -> frozenset[str]:
+    """The header names the global propagator reads and writes (``traceparent``, ``tracestate``, ...)."""
+    return frozenset(propagate.get_global_textmap().fields)
+
+
+def trace_key(headers: Iterable[tuple[str, HeaderValue]], fields: frozenset[str]) -> tuple[Any, ...]:
+    """The trace-context headers of a record: records with the same key were sent in one PRODUCER span
+    (one batch), so they can share one CONSUMER span. Empty when the record carries no context."""
+    return tuple([(k, v) for k, v in headers if k in fields])

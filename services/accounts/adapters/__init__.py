@@ -1,0 +1,1 @@
+"""What the accounts service owns outside the process: its PostgreSQL database and the outbox relay."""
