@@ -1,0 +1,1 @@
+"""What the history service owns of the outside world: its Cassandra keyspace."""
