@@ -1,0 +1,1 @@
+"""What the catalog owns outside itself: PostgreSQL (titles, outbox) and the Redis cache."""
