@@ -34,7 +34,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.bus.auth import TokenVerifier, auth_middleware, load_public_key
-from services.bus.consumer import BusConsumer, ConsumerConfig, Handler, RetryPolicy
+from services.bus.consumer import AnyHandler, BusConsumer, ConsumerConfig, RetryPolicy
 from services.bus.contracts import Contracts
 from services.bus.http import MAX_BODY_BYTES, errors_middleware, tracing_middleware
 from services.bus.producer import Producer, ProducerConfig
@@ -127,7 +127,7 @@ class ServiceSpec:
     name: str
     consumes: Sequence[str] = ()
     produces: Sequence[str] = ()
-    handlers: Mapping[str, Handler] = field(default_factory=dict)
+    handlers: Mapping[str, AnyHandler] = field(default_factory=dict)  # per-record or batched(...)
     routes: Routes | None = None
     resources: Sequence[Resource] = ()  # cleanup_ctx entries: set up, yield, tear down
     group_id: str | None = None
@@ -394,12 +394,13 @@ class ServiceRuntime:
         return code
 
 
-def serve(spec: ServiceSpec, settings: BusSettings) -> None:
-    """The whole of a service's ``__main__`` after building its settings: logs, traces, run, exit."""
+def serve(spec: ServiceSpec, settings: BusSettings, contracts: Contracts | None = None) -> None:
+    """The whole of a service's ``__main__`` after building its settings: logs, traces, run, exit.
+    ``contracts`` defaults to the repository's; tests pass a copy with private topics."""
     setup_logging(spec.name, settings.log_level)
     provider = setup_tracing(spec.name)
     try:
-        code = asyncio.run(ServiceRuntime(spec, settings).run())
+        code = asyncio.run(ServiceRuntime(spec, settings, contracts).run())
     finally:
         provider.shutdown()
     raise SystemExit(code)
