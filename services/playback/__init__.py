@@ -1,0 +1,1 @@
+"""Playback: entitlement-checked sessions steered to Open Connect appliances (see README.md)."""
