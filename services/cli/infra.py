@@ -672,14 +672,14 @@ def _zipkin_start(layout: Layout) -> subprocess.Popen[bytes]:
     cmd = [
         str(java),
         "-Xms64m",
-        "-Xmx512m",
+        "-Xmx768m",
         "-jar",
         str(_zipkin_jar(layout)),
         "--server.address=127.0.0.1",
         f"--server.port={layout.zipkin_port}",
         "--logging.level.root=WARN",
     ]
-    return spawn(layout, "zipkin", cmd, env={"STORAGE_TYPE": "mem", "MEM_MAX_SPANS": "200000"})
+    return spawn(layout, "zipkin", cmd, env={"STORAGE_TYPE": "mem", "MEM_MAX_SPANS": "60000"})
 
 
 def _zipkin_healthy(layout: Layout) -> bool:
