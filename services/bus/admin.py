@@ -8,6 +8,7 @@ otherwise carries it out. Running it twice changes nothing the second time.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from services.bus import compat
 from services.bus.contracts import Contracts, Topic
 from services.bus.registry import RegistryClient
 
+TOPIC_CHANGES = frozenset({"create-topic", "add-partitions", "alter-config"})
 DLQ_CONFIG = {"cleanup.policy": "delete", "retention.ms": str(30 * 24 * 3600 * 1000)}
 
 
@@ -189,7 +191,18 @@ class Admin:
         for c in plan.changes:
             if c.kind == "register-schema":
                 self.registry.register(c.target, contracts.schema(by_subject[c.target]).raw)
+        if any(c.kind in TOPIC_CHANGES for c in plan.changes):
+            self._settle(contracts, only_list)
         return plan
+
+    def _settle(self, contracts: Contracts, only: list[str] | None, timeout: float = 30.0) -> None:
+        """Wait until the broker's metadata shows what was applied, so a plan right after is empty."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(c.kind in TOPIC_CHANGES for c in self.plan(contracts, only).changes):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the broker did not show the applied topic changes within {timeout:.0f}s")
 
     def _wait(self, futures: Mapping[Any, Future[Any]]) -> None:
         for target, future in futures.items():

@@ -24,8 +24,12 @@ renamed to ``<TopLevelRecord><Name>`` so no class silently means two things.
 
 Field defaults follow the Avro field ``default`` (``null`` -> ``None``, ``[]`` -> ``default_factory=list``,
 an enum symbol -> that member, ...). A top-level record's ``event_id`` (uuid) and ``event_time``
-(timestamp-millis) default to a fresh ``uuid4()`` and the current time truncated to milliseconds, so an
-event that went through Avro compares equal to the original.
+(timestamp-millis) default to a fresh random (version 4) UUID and the current time truncated to
+milliseconds, so an event that went through Avro compares equal to the original.
+
+Each record also gets a codec (``_write_<name>``/``_read_<name>``, listed per event type in
+``AVRO_CODECS`` with the fingerprint of its schema) built from :mod:`services.bus.wire`: it writes the
+Avro body straight from the dataclass and reads it straight into one, the bytes fastavro writes.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ import keyword
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+
+from services.bus.wire import fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = REPO_ROOT / "schemas"
@@ -64,7 +70,7 @@ _LOGICAL: dict[tuple[str, str], str] = {
 _RESERVED_FIELD_NAMES = frozenset(
     {"SCHEMA_NAME", "to_record", "from_record", "uuid", "datetime", "field", "enum", "dataclass"}
     | {"list", "dict", "str", "int", "float", "bool", "bytes", "None", "ClassVar", "Any", "Self", "Mapping"}
-    | {"_now_ms", "_as_uuid", "_as_datetime", "_optional"}
+    | {"_now_ms", "_as_uuid", "_as_datetime", "_optional", "wire", "AVRO_CODECS", "EVENT_TYPES"}
 )
 
 
@@ -80,11 +86,15 @@ class CodegenError(ValueError):
 @dataclass(frozen=True)
 class _Scalar:
     annotation: str  # str, int, float, bool, bytes, uuid.UUID, datetime, None
+    # The Avro type behind it, for the codecs: string, int, long, float, double, boolean, bytes, null,
+    # uuid, timestamp-millis or fixed:<size>. Not part of the identity (the annotation is).
+    avro: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
 class _Optional:
     inner: _Type
+    null_first: bool = field(default=True, compare=False)  # ["null", T], else [T, "null"]
 
 
 @dataclass(frozen=True)
@@ -223,7 +233,7 @@ class _FileConverter:
             annotation = _LOGICAL.get((str(kind), str(logical)))
             if annotation is None:
                 raise self.error(f"unsupported logicalType {logical!r} on {kind!r}")
-            return _Scalar(annotation)
+            return _Scalar(annotation, str(logical))
         if kind == "array":
             return _List(self.convert(schema.get("items"), namespace))
         if kind == "map":
@@ -236,9 +246,9 @@ class _FileConverter:
 
     def _by_name(self, name: str, namespace: str) -> _Type:
         if name in _PRIMITIVES:
-            return _Scalar(_PRIMITIVES[name])
+            return _Scalar(_PRIMITIVES[name], name)
         if name == "null":
-            return _Scalar("None")
+            return _Scalar("None", "null")
         for candidate in (_qualify(name, namespace), name):
             if candidate in self.known:
                 return self.known[candidate]
@@ -251,13 +261,16 @@ class _FileConverter:
         inner = self.convert(others[0], namespace)
         if isinstance(inner, _Optional):
             raise self.error(f"nested union {json.dumps(branches)}")
-        return _Optional(inner)
+        return _Optional(inner, branches[0] == "null")
 
     def _named(self, schema: dict[str, Any], kind: str, namespace: str, *, top_level: bool) -> _Type:
         explicit = schema.get("namespace")
         fullname = _qualify(str(schema["name"]), explicit if isinstance(explicit, str) else namespace)
         if kind == "fixed":
-            self.known[fullname] = _Scalar("bytes")
+            size = schema.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise self.error(f"fixed {fullname} without a valid size")
+            self.known[fullname] = _Scalar("bytes", f"fixed:{size}")
             return self.known[fullname]
         if fullname in self.known:
             raise self.error(f"type {fullname!r} is defined twice")
@@ -633,7 +646,7 @@ def _python_default(owner: _RecordDef, f: _Field, records: Mapping[str, _RecordD
     """Source of the dataclass default for ``f`` (``= ...`` part), or None for a required field."""
     if owner.top_level and not f.has_default:
         if f.name == "event_id":
-            return "field(default_factory=uuid.uuid4)"
+            return "field(default_factory=wire.uuid4)"
         if f.name == "event_time":
             return "field(default_factory=_now_ms)"
     if not f.has_default:
@@ -749,6 +762,75 @@ def _render_record(definition: _RecordDef, records: Mapping[str, _RecordDef]) ->
     return lines
 
 
+_SCALAR_CODECS: dict[str, str] = {
+    "string": "str",
+    "int": "long",
+    "long": "long",
+    "float": "float",
+    "double": "double",
+    "boolean": "bool",
+    "bytes": "bytes",
+    "null": "null",
+    "uuid": "uuid",
+    "timestamp-millis": "timestamp_millis",
+}
+_WIRE_ALIASES = [f"_{k}_{name}" for name in sorted(set(_SCALAR_CODECS.values())) for k in ("w", "r")]
+
+
+def _codec(type_: _Type, kind: str) -> str:
+    """Source of the writer (``kind`` w) or reader (r) of ``type_``, built from :mod:`services.bus.wire`."""
+    if isinstance(type_, _Scalar):
+        if type_.avro.startswith("fixed:"):
+            return f"wire.{kind}_fixed({int(type_.avro.partition(':')[2])})"
+        if type_.avro not in _SCALAR_CODECS:
+            raise CodegenError(f"no codec for the Avro type {type_.avro!r}")
+        return f"_{kind}_{_SCALAR_CODECS[type_.avro]}"
+    if isinstance(type_, _EnumRef):
+        return f"_{kind.upper()}_{type_.name}"
+    if isinstance(type_, _RecordRef):
+        return f"_{'write' if kind == 'w' else 'read'}_{_snake(type_.name)}"
+    if isinstance(type_, _Optional):
+        return f"wire.{kind}_optional({0 if type_.null_first else 1}, {_codec(type_.inner, kind)})"
+    if isinstance(type_, _List):
+        return f"wire.{kind}_array({_codec(type_.items, kind)})"
+    return f"wire.{kind}_map({_codec(type_.values, kind)})"
+
+
+def _snake(name: str) -> str:
+    """``BitrateSample`` -> ``bitrate_sample``, for the codec functions' names."""
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+def _render_enum_codec(definition: _EnumDef) -> list[str]:
+    return [
+        f"_W_{definition.name} = wire.w_enum({definition.name})",
+        f"_R_{definition.name} = wire.r_enum(tuple({definition.name}))",
+    ]
+
+
+def _render_record_codec(definition: _RecordDef) -> list[list[str]]:
+    """The record's codec: constants for its composite fields, ``_write_<Name>`` and ``_read_<Name>``."""
+    name = definition.name
+    constants: list[str] = []
+    write = [f"def _write_{_snake(name)}(out: bytearray, v: {name}) -> None:"]
+    read = [f"def _read_{_snake(name)}(data: bytes, pos: int) -> tuple[{name}, int]:"]
+    for f in definition.fields:
+        writer, reader = _codec(f.type, "w"), _codec(f.type, "r")
+        if "(" in writer:  # composite: built once, at import
+            constants += [f"_W_{name}_{f.name} = {writer}", f"_R_{name}_{f.name} = {reader}"]
+            writer, reader = f"_W_{name}_{f.name}", f"_R_{name}_{f.name}"
+        write.append(f"{INDENT}{writer}(out, v.{f.name})")
+        read.append(f"{INDENT}f_{f.name}, pos = {reader}(data, pos)")
+    if not definition.fields:
+        write.append(f"{INDENT}return None")
+        read.append(f"{INDENT}return {name}(), pos")
+    else:
+        read.append(f"{INDENT}made = {name}(")
+        read += [f"{INDENT * 2}{f.name}=f_{f.name}," for f in definition.fields]
+        read += [f"{INDENT})", f"{INDENT}return made, pos"]
+    return [block for block in (constants, write, read) if block]
+
+
 _HEADER = '''\
 # Generated by services/bus/codegen.py from schemas/**/*.avsc -- DO NOT EDIT.
 # Regenerate with: python -m services.bus.codegen  (check with: python -m services.bus.codegen --check)
@@ -756,13 +838,16 @@ _HEADER = '''\
 
 ``to_record()`` gives the plain dict fastavro writes; ``from_record()`` takes what fastavro reads back
 (``uuid.UUID`` for uuid, aware UTC ``datetime`` for timestamp-millis, ``str`` for enum symbols).
-:data:`EVENT_TYPES` maps every top-level schema's full name to its class.
+:data:`EVENT_TYPES` maps every top-level schema's full name to its class. :data:`AVRO_CODECS` holds, per
+top-level schema, a codec that writes and reads the Avro body straight from and into the dataclass (the
+same bytes as fastavro), with the fingerprint of the schema it was generated from.
 """
 
 {imports}
 
 _T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+{aliases}
 
 
 class AvroEvent(Protocol):
@@ -818,15 +903,44 @@ def render(schema_dir: Path) -> str:
         "from typing import Any, ClassVar, Protocol, Self, TypeVar",
     ]
 
+    imports += ["", "from services.bus import wire"]
+
     records = {d.name: d for d in definitions if isinstance(d, _RecordDef)}
-    blocks: list[list[str]] = [_HEADER.format(imports="\n".join(imports)).rstrip("\n").split("\n")]
+    snakes: dict[str, str] = {}
+    for name in records:
+        if snakes.setdefault(_snake(name), name) != name:
+            raise CodegenError(
+                f"records {snakes[_snake(name)]} and {name} give one codec name {_snake(name)}"
+            )
+    aliases = "\n".join(f"{alias} = wire.{alias[1:]}" for alias in _WIRE_ALIASES)
+    header = _HEADER.format(imports="\n".join(imports), aliases=aliases)
+    blocks: list[list[str]] = [header.rstrip("\n").split("\n")]
     for definition in definitions:
         blocks.append(
             _render_enum(definition)
             if isinstance(definition, _EnumDef)
             else _render_record(definition, records)
         )
+    for definition in definitions:
+        if isinstance(definition, _EnumDef):
+            blocks.append(_render_enum_codec(definition))
+        else:
+            blocks += _render_record_codec(definition)
     events = [d.name for d in definitions if isinstance(d, _RecordDef) and d.top_level]
+    raw_by_name = {
+        _qualify(str(raw["name"]), str(raw.get("namespace") or "")): raw for _, raw in _load(schema_dir)
+    }
+    codecs = ["AVRO_CODECS: dict[str, wire.Codec] = {"]
+    for definition in definitions:
+        if isinstance(definition, _RecordDef) and definition.top_level:
+            codecs += [
+                f"{INDENT}{definition.name}.SCHEMA_NAME: wire.Codec(",
+                f'{INDENT * 2}"{fingerprint(raw_by_name[definition.fullname])}",',
+                f"{INDENT * 2}_write_{_snake(definition.name)},",
+                f"{INDENT * 2}_read_{_snake(definition.name)},",
+                f"{INDENT}),",
+            ]
+    codecs.append("}")
     blocks.append(
         [
             "EVENT_TYPES: dict[str, type[AvroEvent]] = {",
@@ -837,6 +951,7 @@ def render(schema_dir: Path) -> str:
             "}",
         ]
     )
+    blocks.append(codecs)
     lines = "\n\n\n".join("\n".join(block) for block in blocks).split("\n")
     too_long = [line for line in lines if len(line) > LINE_LENGTH]
     if too_long:

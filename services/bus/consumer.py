@@ -8,13 +8,26 @@
   to ``<topic>.dlq``; a record that is not Avro, names an unknown schema id, or whose handler raised
   anything else goes to ``<topic>.dlq`` at once, with the original key, value and headers plus headers
   saying what failed and where. A dead letter that cannot be written stops the consumer (no commit).
-- Each record is handled in a CONSUMER span whose parent is the producer's span (W3C headers).
+- Records are handled in CONSUMER spans whose parent is the producer's span (W3C headers). Consecutive
+  records of one fetch (same topic and partition) that carry the same trace context were sent in one
+  ``Producer.produce_batch`` call; they share one CONSUMER span (``messaging.batch.message_count``), a
+  child of that batch's PRODUCER span. A record sent on its own gets a span of its own, as before;
+  consecutive records with no trace context at all (a producer that does not trace) share one root span.
+- A handler is either ``async def handle(event, record)``, called once per record, or a batch handler,
+  ``batched(async def handle(items))`` with ``items`` a list of ``(event, record)``, called once per run
+  of records of its type inside one span group (so once per produced batch that was fetched together;
+  a record sent on its own comes as a list of one). A batch handler that raises a retryable error is
+  retried as a whole with backoff; when the retries are exhausted, or on any other error, its records
+  are handled again one by one (each as a list of one, with its own retries), so only the record that
+  fails goes to the dead letters. Records may therefore reach a batch handler twice, as they may any
+  handler after a crash: handlers are idempotent (at-least-once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -23,13 +36,13 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from services.bus import metrics
 from services.bus.contracts import DLQ_SUFFIX, ContractError, Contracts, Topic
 from services.bus.events import AvroEvent
-from services.bus.producer import Producer
-from services.bus.serde import PoisonMessage, Serde
+from services.bus.producer import ATTR_BATCH_COUNT, Producer
+from services.bus.serde import PoisonMessage, SchemaNotCached, Serde
 from services.bus.tracing import (
     ATTR_DLQ_REASON,
     ATTR_EVENT_ID,
@@ -38,6 +51,8 @@ from services.bus.tracing import (
     KafkaHeaders,
     extract_context,
     normalize_headers,
+    propagation_fields,
+    trace_key,
 )
 
 log = logging.getLogger("reelbus.bus.consumer")
@@ -93,7 +108,30 @@ def _as_bytes(data: str | bytes | None) -> bytes | None:
     return data.encode() if isinstance(data, str) else data
 
 
+def _headers_of(msg: Message) -> KafkaHeaders:
+    raw = msg.headers()
+    if raw is None:
+        return []
+    return raw if type(raw) is list else normalize_headers(raw)
+
+
 Handler = Callable[[Any, Record], Awaitable[None]]
+BatchHandlerFn = Callable[[list[tuple[Any, Record]]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Batched:
+    """A handler that takes a list of ``(event, record)``; make one with :func:`batched`."""
+
+    fn: BatchHandlerFn
+
+
+def batched(fn: BatchHandlerFn) -> Batched:
+    """Mark ``async def handle(items: list[tuple[event, Record]])`` as a batch handler (module doc)."""
+    return Batched(fn)
+
+
+AnyHandler = Handler | Batched
 
 
 @dataclass(frozen=True)
@@ -143,13 +181,23 @@ class ConsumerDied(RuntimeError):
     """The consume loop cannot go on; the process must exit non-zero."""
 
 
+@dataclass(eq=False, slots=True)
+class _Held:
+    """A decoded record waiting, with others of its run, for one call of a batch handler."""
+
+    msg: Message
+    headers: KafkaHeaders
+    event: AvroEvent
+    record: Record
+
+
 class BusConsumer:
     def __init__(
         self,
         config: ConsumerConfig,
         contracts: Contracts,
         serde: Serde,
-        handlers: Mapping[str, Handler],
+        handlers: Mapping[str, AnyHandler],
         dead_letters: Producer,
     ) -> None:
         self.config = config
@@ -168,9 +216,14 @@ class BusConsumer:
         self._kafka: Consumer | None = None
         self._assigned: set[tuple[str, int]] = set()
         self._pending: dict[tuple[str, int], int] = {}  # processed but not yet committed: next offset
+        self._committed: dict[tuple[str, int], int] = {}  # what this consumer last committed
+        self._commit_lock = threading.Lock()  # the loop's commits and the rebalance callbacks' ones
         self._stopping = asyncio.Event()
         self._tracer = trace.get_tracer("reelbus.bus.consumer")
         self.assigned_event = asyncio.Event()
+        # Prometheus children resolved once (``.labels()`` is slow on a per-record path).
+        self._consumed: dict[tuple[str, str], Any] = {}
+        self._handler_seconds: dict[str, Any] = {}
 
     # -- state ----------------------------------------------------------------------------
 
@@ -197,15 +250,31 @@ class BusConsumer:
         revoked = {(p.topic, p.partition) for p in partitions}
         self._commit_sync(consumer, only=revoked)
         self._assigned -= revoked
+        for tp in revoked:  # another member commits these from now on
+            self._committed.pop(tp, None)
         metrics.ASSIGNED.labels(self.config.group_id).set(len(self._assigned))
         log.info("revoked %s", sorted(revoked))
 
     def _commit_sync(self, consumer: Consumer, only: set[tuple[str, int]] | None = None) -> None:
-        items = [(tp, off) for tp, off in self._pending.items() if only is None or tp in only]
-        if not items:
-            return
-        offsets = [TopicPartition(t, p, off) for (t, p), off in items]
-        consumer.commit(offsets=offsets, asynchronous=False)
+        with self._commit_lock:
+            items = [(tp, off) for tp, off in self._pending.items() if only is None or tp in only]
+            if not items:
+                return
+            offsets = [TopicPartition(t, p, off) for (t, p), off in items]
+            consumer.commit(offsets=offsets, asynchronous=False)
+            self._committed.update(items)
+            for tp, off in items:
+                if self._pending.get(tp) == off:
+                    del self._pending[tp]
+
+    def _commit_offsets(self, consumer: Consumer, items: list[tuple[tuple[str, int], int]]) -> None:
+        """Commit these offsets (worker thread); the loop forgets them once this returns."""
+        with self._commit_lock:
+            consumer.commit(offsets=[TopicPartition(t, p, off) for (t, p), off in items], asynchronous=False)
+            self._committed.update(items)
+
+    def _forget(self, items: list[tuple[tuple[str, int], int]]) -> None:
+        """Committed: drop what has not moved on since (on the loop, where ``_pending`` is written)."""
         for tp, off in items:
             if self._pending.get(tp) == off:
                 del self._pending[tp]
@@ -223,24 +292,32 @@ class BusConsumer:
                 on_revoke=self._on_revoke,
                 on_lost=self._on_revoke,
             )
-            while not self._stopping.is_set():
-                batch: list[Message] = await asyncio.to_thread(
-                    consumer.consume, self.config.batch_size, self.config.poll_timeout
-                )
-                if self._assigned and not self.assigned_event.is_set():
-                    self.assigned_event.set()
-                for msg in batch:
-                    if self._stopping.is_set():
-                        break  # the rest of the batch is not committed: it is fetched again later
-                    err = msg.error()
-                    if err is not None:
-                        self._on_error(err)
-                        continue
-                    incoming = Incoming.of(msg)
-                    await self._process(incoming)
-                    self._pending[(incoming.topic, incoming.partition)] = incoming.offset + 1
-                if self._pending:
-                    await asyncio.to_thread(self._commit_sync, consumer)
+            # A batch's offsets are committed (synchronously, on a worker thread) while the next batch
+            # is fetched and handled; at most one such commit is in flight, and it must have succeeded
+            # before the next one starts. Only offsets of handled records are ever committed.
+            commit: asyncio.Future[None] | None = None
+            committing: list[tuple[tuple[str, int], int]] = []
+            try:
+                while not self._stopping.is_set():
+                    batch: list[Message] = await asyncio.to_thread(
+                        consumer.consume, self.config.batch_size, self.config.poll_timeout
+                    )
+                    if self._assigned and not self.assigned_event.is_set():
+                        self.assigned_event.set()
+                    await self._process_batch(batch)
+                    if self._pending and commit is not None:
+                        await commit
+                        commit = None
+                        self._forget(committing)
+                    if self._pending:
+                        committing = list(self._pending.items())
+                        commit = asyncio.ensure_future(
+                            asyncio.to_thread(self._commit_offsets, consumer, committing)
+                        )
+            finally:
+                if commit is not None:
+                    await commit
+                    self._forget(committing)
         except KafkaException as exc:
             raise ConsumerDied(f"consumer of group {self.config.group_id} failed: {exc}") from exc
         finally:
@@ -259,79 +336,281 @@ class BusConsumer:
             raise ConsumerDied(f"fatal consumer error: {err.str()}")
         log.warning("consumer error (librdkafka retries): %s", err.str())
 
-    async def _process(self, msg: Incoming) -> None:
-        topic_name = msg.topic
+    async def _process_batch(self, batch: Sequence[Message]) -> None:
+        """Split a fetch into span groups (module doc) and handle them in order."""
+        fields = propagation_fields()
+        n = len(batch)
+        i = 0
+        while i < n:
+            if self._stopping.is_set():
+                return  # the rest of the batch is not committed: it is fetched again later
+            msg = batch[i]
+            i += 1
+            err = msg.error()
+            if err is not None:
+                self._on_error(err)
+                continue
+            headers = _headers_of(msg)
+            group = [(msg, headers)]
+            key = trace_key(headers, fields)
+            topic, partition = msg.topic(), msg.partition()
+            while i < n:
+                nxt = batch[i]
+                if nxt.error() is not None or nxt.partition() != partition or nxt.topic() != topic:
+                    break
+                nxt_headers = _headers_of(nxt)
+                if trace_key(nxt_headers, fields) != key:
+                    break
+                group.append((nxt, nxt_headers))
+                i += 1
+            await self._process_group(group)
+
+    async def _process_group(self, group: list[tuple[Message, KafkaHeaders]]) -> None:
+        first, headers = group[0]
+        topic_name = first.topic() or ""
+        partition = first.partition() or 0
         topic = self.topics.get(topic_name)
-        headers = msg.headers
-        parent = extract_context(headers)
+        single = len(group) == 1
+        attributes: dict[str, Any] = {
+            "messaging.system": "kafka",
+            "messaging.destination.name": topic_name,
+            "messaging.operation.type": "process",
+            "messaging.kafka.message.offset": first.offset() or 0,
+            "messaging.destination.partition.id": str(partition),
+            "messaging.consumer.group.name": self.config.group_id,
+        }
+        if not single:
+            attributes[ATTR_BATCH_COUNT] = len(group)
+        outcomes: dict[str, int] = {}
         with self._tracer.start_as_current_span(
             f"process {topic_name}",
-            context=parent,
+            context=extract_context(headers),
             kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": topic_name,
-                "messaging.operation.type": "process",
-                "messaging.kafka.message.offset": msg.offset,
-                "messaging.destination.partition.id": str(msg.partition),
-                "messaging.consumer.group.name": self.config.group_id,
-            },
+            attributes=attributes,
         ) as span:
-            stage = "decode"
-            attempts = 0
+            held: list[_Held] = []
+            held_by: Batched | None = None
+            kinds: set[str] = set()
             try:
-                event = await self.serde.decode_event(topic, msg.value)
-                key = await self.serde.decode_key(msg.key)
-                span.set_attribute(ATTR_EVENT_TYPE, event.SCHEMA_NAME)
-                span.set_attribute(ATTR_EVENT_ID, str(event.event_id))
-                handler = self.handlers.get(event.SCHEMA_NAME)
-                if handler is None:
-                    # Declared on the topic, but this service does not care about it: done.
-                    metrics.CONSUMED.labels(topic_name, "ignored").inc()
-                    return
-                stage = "handler"
-                record = Record(topic_name, msg.partition, msg.offset, key, headers, msg.timestamp_ms)
-                attempts = await self._handle_with_retries(handler, event, record)
-                metrics.CONSUMED.labels(topic_name, "ok").inc()
-            except PoisonMessage as exc:
-                await self._dead_letter(msg, exc.stage, exc.reason, "PoisonMessage", attempts)
-                span.set_status(Status(StatusCode.ERROR, exc.reason))
-            except _Exhausted as exc:
-                reason = f"retries exhausted after {exc.attempts} attempts: {exc.cause!r}"
-                await self._dead_letter(msg, stage, reason, type(exc.cause).__name__, exc.attempts)
-                span.set_status(Status(StatusCode.ERROR, reason))
-            except (ConsumerDied, asyncio.CancelledError):
-                raise
-            except Exception as exc:  # a non-retryable handler error: poison for this service
-                reason = "".join(traceback.format_exception_only(exc)).strip()
-                await self._dead_letter(msg, stage, reason, type(exc).__name__, max(attempts, 1))
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, reason))
+                for msg, msg_headers in group:
+                    if self._stopping.is_set():
+                        break  # what was not handled is not committed: it is fetched again later
+                    offset = msg.offset() or 0
+                    try:
+                        event = await self._decode(topic, msg)
+                        key = await self._decode_key(msg)
+                    except PoisonMessage as exc:
+                        await self._flush(held_by, held, span, outcomes)
+                        await self._dead_letter(Incoming.of(msg), exc.stage, exc.reason, "PoisonMessage", 0)
+                        span.set_status(Status(StatusCode.ERROR, exc.reason))
+                        self._done(topic_name, partition, offset)
+                        continue
+                    except (ConsumerDied, asyncio.CancelledError):
+                        raise
+                    except Exception as exc:  # e.g. from_record refusing a value: poison as well
+                        await self._flush(held_by, held, span, outcomes)
+                        await self._handler_error(msg, "decode", exc, 0, span)
+                        self._done(topic_name, partition, offset)
+                        continue
+                    name = event.SCHEMA_NAME
+                    kinds.add(name)
+                    if single:
+                        span.set_attribute(ATTR_EVENT_TYPE, name)
+                        span.set_attribute(ATTR_EVENT_ID, str(event.event_id))
+                    handler = self.handlers.get(name)
+                    record = Record(topic_name, partition, offset, key, msg_headers, msg.timestamp()[1])
+                    if isinstance(handler, Batched):
+                        if held and held_by is not handler:
+                            await self._flush(held_by, held, span, outcomes)
+                        held_by = handler
+                        held.append(_Held(msg, msg_headers, event, record))
+                        continue
+                    await self._flush(held_by, held, span, outcomes)
+                    if handler is None:
+                        # Declared on the topic, but this service does not care about it: done.
+                        outcomes["ignored"] = outcomes.get("ignored", 0) + 1
+                    else:
+                        await self._handle_one(handler, event, record, msg, span, outcomes)
+                    self._done(topic_name, partition, offset)
+                await self._flush(held_by, held, span, outcomes)
+            finally:
+                if not single and len(kinds) == 1:
+                    span.set_attribute(ATTR_EVENT_TYPE, next(iter(kinds)))
+                for outcome, count in outcomes.items():
+                    self._count(topic_name, outcome, count)
 
-    async def _handle_with_retries(self, handler: Handler, event: AvroEvent, record: Record) -> int:
+    def _done(self, topic: str, partition: int, offset: int) -> None:
+        self._pending[(topic, partition)] = offset + 1
+
+    async def _decode(self, topic: Topic | None, msg: Message) -> AvroEvent:
+        value = _as_bytes(msg.value())
+        try:
+            return self.serde.decode_event_nowait(topic, value)
+        except SchemaNotCached as exc:
+            await self.serde.reader_for(exc.schema_id)
+        return self.serde.decode_event_nowait(topic, value)
+
+    async def _decode_key(self, msg: Message) -> Any:
+        data = _as_bytes(msg.key())
+        try:
+            return self.serde.decode_key_nowait(data)
+        except SchemaNotCached as exc:
+            await self.serde.reader_for(exc.schema_id)
+        return self.serde.decode_key_nowait(data)
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def _count(self, topic: str, outcome: str, n: int = 1) -> None:
+        child = self._consumed.get((topic, outcome))
+        if child is None:
+            child = self._consumed[(topic, outcome)] = metrics.CONSUMED.labels(topic, outcome)
+        child.inc(n)
+
+    def _seconds(self, event_type: str) -> Any:
+        child = self._handler_seconds.get(event_type)
+        if child is None:
+            child = self._handler_seconds[event_type] = metrics.HANDLER_SECONDS.labels(event_type)
+        return child
+
+    # -- one record, one handler call -----------------------------------------------------------
+
+    async def _handle_one(
+        self,
+        handler: Handler,
+        event: AvroEvent,
+        record: Record,
+        msg: Message,
+        span: Span,
+        outcomes: dict[str, int],
+    ) -> None:
+        attempts = 0
+        try:
+            attempts = await self._call(handler, event, record)
+            outcomes["ok"] = outcomes.get("ok", 0) + 1
+        except _Exhausted as exc:
+            reason = f"retries exhausted after {exc.attempts} attempts: {exc.cause!r}"
+            await self._dead_letter(
+                Incoming.of(msg), "handler", reason, type(exc.cause).__name__, exc.attempts
+            )
+            span.set_status(Status(StatusCode.ERROR, reason))
+        except (ConsumerDied, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a non-retryable handler error: poison for this service
+            await self._handler_error(msg, "handler", exc, attempts, span)
+
+    async def _handler_error(
+        self, msg: Message, stage: str, exc: Exception, attempts: int, span: Span
+    ) -> None:
+        reason = "".join(traceback.format_exception_only(exc)).strip()
+        await self._dead_letter(Incoming.of(msg), stage, reason, type(exc).__name__, max(attempts, 1))
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, reason))
+
+    async def _call(self, handler: Handler, event: AvroEvent, record: Record) -> int:
+        """The first attempt inline (no extra coroutine); retries, if any, in ``_retry``."""
+        seconds = self._seconds(event.SCHEMA_NAME)
+        started = time.perf_counter()
+        try:
+            await handler(event, record)
+            return 1
+        except RETRYABLE as exc:
+            failure: BaseException = exc
+        finally:
+            seconds.observe(time.perf_counter() - started)
+        return await self._retry(handler, event, record, failure)
+
+    async def _retry(self, handler: Handler, event: AvroEvent, record: Record, failure: BaseException) -> int:
         policy = self.config.retry
-        for attempt in range(1, policy.attempts + 1):
+        if policy.attempts <= 1:
+            raise _Exhausted(1, failure) from failure
+        self._note_retry(record.topic, event.SCHEMA_NAME, 1, failure)
+        await asyncio.sleep(policy.backoff(1))
+        seconds = self._seconds(event.SCHEMA_NAME)
+        for attempt in range(2, policy.attempts + 1):
             started = time.perf_counter()
             try:
                 await handler(event, record)
             except RETRYABLE as exc:
                 if attempt == policy.attempts:
                     raise _Exhausted(attempt, exc) from exc
-                metrics.CONSUMED.labels(record.topic, "retried").inc()
-                delay = policy.backoff(attempt)
-                log.warning(
-                    "retryable failure in %s (attempt %d, retry in %.2fs): %r",
-                    event.SCHEMA_NAME,
-                    attempt,
-                    delay,
-                    exc,
-                )
-                await asyncio.sleep(delay)
+                self._note_retry(record.topic, event.SCHEMA_NAME, attempt, exc)
+                await asyncio.sleep(policy.backoff(attempt))
                 continue
             finally:
-                metrics.HANDLER_SECONDS.labels(event.SCHEMA_NAME).observe(time.perf_counter() - started)
+                seconds.observe(time.perf_counter() - started)
             return attempt
         raise AssertionError("unreachable")
+
+    def _note_retry(self, topic: str, event_type: str, attempt: int, exc: BaseException) -> None:
+        self._count(topic, "retried")
+        log.warning(
+            "retryable failure in %s (attempt %d, retry in %.2fs): %r",
+            event_type,
+            attempt,
+            self.config.retry.backoff(attempt),
+            exc,
+        )
+
+    async def _handle_with_retries(self, handler: Handler, event: AvroEvent, record: Record) -> int:
+        return await self._call(handler, event, record)
+
+    # -- a run of records, one batch handler call -------------------------------------------------
+
+    async def _flush(
+        self, handler: Batched | None, held: list[_Held], span: Span, outcomes: dict[str, int]
+    ) -> None:
+        """Hand the held run to its batch handler; each record's offset counts as done after it."""
+        if not held:
+            return
+        items = list(held)
+        held.clear()
+        assert handler is not None
+        await self._handle_run(handler, items, span, outcomes)
+        last = items[-1].record
+        self._done(last.topic, last.partition, last.offset)
+
+    async def _handle_run(
+        self, handler: Batched, items: list[_Held], span: Span, outcomes: dict[str, int]
+    ) -> None:
+        policy = self.config.retry
+        seconds = self._seconds(items[0].event.SCHEMA_NAME)
+        batch = [(h.event, h.record) for h in items]
+        failure: BaseException | None = None
+        attempt = 0
+        for attempt in range(1, policy.attempts + 1):
+            started = time.perf_counter()
+            try:
+                await handler.fn(batch)
+            except RETRYABLE as exc:
+                failure = exc
+                if attempt == policy.attempts:
+                    break
+                self._note_retry(items[0].record.topic, items[0].event.SCHEMA_NAME, attempt, exc)
+                await asyncio.sleep(policy.backoff(attempt))
+                continue
+            except (ConsumerDied, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                failure = exc
+                break
+            finally:
+                seconds.observe(time.perf_counter() - started)
+            outcomes["ok"] = outcomes.get("ok", 0) + len(items)
+            return
+        assert failure is not None
+        if len(items) > 1:
+            # Find the culprit: one record at a time, each with its own retries.
+            for item in items:
+                await self._handle_run(handler, [item], span, outcomes)
+            return
+        msg = items[0].msg
+        if isinstance(failure, RETRYABLE):
+            reason = f"retries exhausted after {attempt} attempts: {failure!r}"
+            await self._dead_letter(Incoming.of(msg), "handler", reason, type(failure).__name__, attempt)
+            span.set_status(Status(StatusCode.ERROR, reason))
+        else:
+            assert isinstance(failure, Exception)
+            await self._handler_error(msg, "handler", failure, attempt, span)
 
     async def _dead_letter(self, msg: Incoming, stage: str, reason: str, error: str, attempts: int) -> None:
         topic = msg.topic
@@ -354,24 +633,33 @@ class BusConsumer:
             await self.dead_letters.send_raw(topic + DLQ_SUFFIX, msg.key, msg.value, headers)
         except Exception as exc:
             raise ConsumerDied(f"cannot write the dead letter for {topic}@{msg.offset}: {exc}") from exc
-        metrics.CONSUMED.labels(topic, "dead_lettered").inc()
+        self._count(topic, "dead_lettered")
 
     # -- lag ------------------------------------------------------------------------------
 
     def lag(self) -> dict[tuple[str, int], int]:
-        """High watermark minus committed offset, per assigned partition. Blocking."""
+        """High watermark minus committed offset, per assigned partition. Blocking, but cheap: the
+        watermarks librdkafka learnt from its fetches and the offsets this consumer committed; the
+        broker is asked only about partitions it has not committed yet, or whose watermark is unknown."""
         consumer = self._kafka
         if consumer is None or not self._assigned:
             return {}
-        parts = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
-        committed = consumer.committed(parts, timeout=5.0)
+        assigned = sorted(self._assigned)
+        unknown = [TopicPartition(t, p) for t, p in assigned if (t, p) not in self._committed]
+        if unknown:
+            for tp in consumer.committed(unknown, timeout=5.0):
+                if tp.offset != OFFSET_INVALID and tp.offset >= 0:
+                    self._committed.setdefault((tp.topic, tp.partition), tp.offset)
         result: dict[tuple[str, int], int] = {}
-        for tp in committed:
-            _low, high = consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
-            offset = tp.offset if tp.offset != OFFSET_INVALID and tp.offset >= 0 else _low
-            result[(tp.topic, tp.partition)] = max(0, high - offset)
-            metrics.CONSUMER_LAG.labels(self.config.group_id, tp.topic, str(tp.partition)).set(
-                result[(tp.topic, tp.partition)]
+        for topic, partition in assigned:
+            tp = TopicPartition(topic, partition)
+            low, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                low, high = consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            offset = self._committed.get((topic, partition), low)
+            result[(topic, partition)] = max(0, high - offset)
+            metrics.CONSUMER_LAG.labels(self.config.group_id, topic, str(partition)).set(
+                result[(topic, partition)]
             )
         return result
 

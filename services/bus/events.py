@@ -4,7 +4,9 @@
 
 ``to_record()`` gives the plain dict fastavro writes; ``from_record()`` takes what fastavro reads back
 (``uuid.UUID`` for uuid, aware UTC ``datetime`` for timestamp-millis, ``str`` for enum symbols).
-:data:`EVENT_TYPES` maps every top-level schema's full name to its class.
+:data:`EVENT_TYPES` maps every top-level schema's full name to its class. :data:`AVRO_CODECS` holds, per
+top-level schema, a codec that writes and reads the Avro body straight from and into the dataclass (the
+same bytes as fastavro), with the fingerprint of the schema it was generated from.
 """
 
 import enum
@@ -14,8 +16,28 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
+from services.bus import wire
+
 _T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_w_bool = wire.w_bool
+_r_bool = wire.r_bool
+_w_bytes = wire.w_bytes
+_r_bytes = wire.r_bytes
+_w_double = wire.w_double
+_r_double = wire.r_double
+_w_float = wire.w_float
+_r_float = wire.r_float
+_w_long = wire.w_long
+_r_long = wire.r_long
+_w_null = wire.w_null
+_r_null = wire.r_null
+_w_str = wire.w_str
+_r_str = wire.r_str
+_w_timestamp_millis = wire.w_timestamp_millis
+_r_timestamp_millis = wire.r_timestamp_millis
+_w_uuid = wire.w_uuid
+_r_uuid = wire.r_uuid
 
 
 class AvroEvent(Protocol):
@@ -62,7 +84,7 @@ class ProfileCreated:
     SCHEMA_NAME: ClassVar[str] = "reelbus.accounts.ProfileCreated"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Account that owns the profile; also the Kafka key.
@@ -126,7 +148,7 @@ class AnomalyDetected:
     SCHEMA_NAME: ClassVar[str] = "reelbus.anomalies.AnomalyDetected"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Category of the anomaly.
@@ -203,7 +225,7 @@ class PaymentFailed:
     SCHEMA_NAME: ClassVar[str] = "reelbus.billing.PaymentFailed"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Account being billed; also the Kafka key, so an account's events stay in order.
@@ -274,7 +296,7 @@ class PaymentSucceeded:
     SCHEMA_NAME: ClassVar[str] = "reelbus.billing.PaymentSucceeded"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Account being billed; also the Kafka key, so an account's events stay in order.
@@ -348,7 +370,7 @@ class RefundIssued:
     SCHEMA_NAME: ClassVar[str] = "reelbus.billing.RefundIssued"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Account being billed; also the Kafka key, so an account's events stay in order.
@@ -427,7 +449,7 @@ class SubscriptionCancelled:
     SCHEMA_NAME: ClassVar[str] = "reelbus.billing.SubscriptionCancelled"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Account being billed; also the Kafka key, so an account's events stay in order.
@@ -482,7 +504,7 @@ class SubscriptionRenewed:
     SCHEMA_NAME: ClassVar[str] = "reelbus.billing.SubscriptionRenewed"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Account being billed; also the Kafka key, so an account's events stay in order.
@@ -541,7 +563,7 @@ class SubscriptionStarted:
     SCHEMA_NAME: ClassVar[str] = "reelbus.billing.SubscriptionStarted"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Account being billed; also the Kafka key, so an account's events stay in order.
@@ -654,7 +676,7 @@ class TitleChanged:
     SCHEMA_NAME: ClassVar[str] = "reelbus.catalog.TitleChanged"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Catalog id of the title, e.g. "tt0001"; also the Kafka key.
@@ -704,7 +726,7 @@ class ViewRecorded:
     SCHEMA_NAME: ClassVar[str] = "reelbus.history.ViewRecorded"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Profile that watched; also the Kafka key.
@@ -767,7 +789,7 @@ class MountStallSample:
     SCHEMA_NAME: ClassVar[str] = "reelbus.nodes.MountStallSample"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Host name of the node probed; also the Kafka key.
@@ -830,7 +852,7 @@ class ApplianceContents:
     SCHEMA_NAME: ClassVar[str] = "reelbus.opencdn.ApplianceContents"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Id of the appliance, e.g. "oca-lax-01"; also the Kafka key.
@@ -874,7 +896,7 @@ class ApplianceHealth:
     SCHEMA_NAME: ClassVar[str] = "reelbus.opencdn.ApplianceHealth"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Id of the appliance, e.g. "oca-lax-01"; also the Kafka key.
@@ -925,7 +947,7 @@ class Heartbeat:
     SCHEMA_NAME: ClassVar[str] = "reelbus.playback.Heartbeat"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Playback session this event belongs to; also the Kafka key.
@@ -988,7 +1010,7 @@ class SessionPaused:
     SCHEMA_NAME: ClassVar[str] = "reelbus.playback.SessionPaused"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Playback session this event belongs to; also the Kafka key.
@@ -1031,7 +1053,7 @@ class SessionResumed:
     SCHEMA_NAME: ClassVar[str] = "reelbus.playback.SessionResumed"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Playback session this event belongs to; also the Kafka key.
@@ -1093,7 +1115,7 @@ class SessionStarted:
     SCHEMA_NAME: ClassVar[str] = "reelbus.playback.SessionStarted"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Playback session this event belongs to; also the Kafka key.
@@ -1185,7 +1207,7 @@ class SessionStopped:
     SCHEMA_NAME: ClassVar[str] = "reelbus.playback.SessionStopped"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Playback session this event belongs to; also the Kafka key.
@@ -1273,7 +1295,7 @@ class ProfileRecommendations:
     SCHEMA_NAME: ClassVar[str] = "reelbus.recommendations.ProfileRecommendations"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Profile the recommendations are for; also the Kafka key.
@@ -1316,7 +1338,7 @@ class LoadSample:
     SCHEMA_NAME: ClassVar[str] = "reelbus.scaling.LoadSample"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Service name, e.g. "playback"; also the Kafka key.
@@ -1380,7 +1402,7 @@ class ScalingDecision:
     SCHEMA_NAME: ClassVar[str] = "reelbus.scaling.ScalingDecision"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Service name the decision applies to; also the Kafka key.
@@ -1431,7 +1453,7 @@ class BitrateSample:
     SCHEMA_NAME: ClassVar[str] = "reelbus.telemetry.BitrateSample"
 
     #: Unique id of this event; consumers deduplicate on it.
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
     #: When the event happened (UTC).
     event_time: datetime = field(default_factory=_now_ms)
     #: Playback session measured; also the Kafka key.
@@ -1495,6 +1517,976 @@ class BitrateSample:
         )
 
 
+def _write_profile_created(out: bytearray, v: ProfileCreated) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.account_id)
+    _w_uuid(out, v.profile_id)
+    _w_str(out, v.name)
+    _w_bool(out, v.kids)
+
+
+def _read_profile_created(data: bytes, pos: int) -> tuple[ProfileCreated, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_account_id, pos = _r_uuid(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_name, pos = _r_str(data, pos)
+    f_kids, pos = _r_bool(data, pos)
+    made = ProfileCreated(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        account_id=f_account_id,
+        profile_id=f_profile_id,
+        name=f_name,
+        kids=f_kids,
+    )
+    return made, pos
+
+
+_W_AnomalyKind = wire.w_enum(AnomalyKind)
+_R_AnomalyKind = wire.r_enum(tuple(AnomalyKind))
+
+
+_W_Severity = wire.w_enum(Severity)
+_R_Severity = wire.r_enum(tuple(Severity))
+
+
+_W_AnomalyDetected_evidence = wire.w_map(_w_str)
+_R_AnomalyDetected_evidence = wire.r_map(_r_str)
+
+
+def _write_anomaly_detected(out: bytearray, v: AnomalyDetected) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _W_AnomalyKind(out, v.kind)
+    _W_Severity(out, v.severity)
+    _w_str(out, v.subject)
+    _w_double(out, v.score)
+    _w_double(out, v.threshold)
+    _W_AnomalyDetected_evidence(out, v.evidence)
+    _w_timestamp_millis(out, v.window_start)
+    _w_timestamp_millis(out, v.window_end)
+    _w_str(out, v.detector)
+
+
+def _read_anomaly_detected(data: bytes, pos: int) -> tuple[AnomalyDetected, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_kind, pos = _R_AnomalyKind(data, pos)
+    f_severity, pos = _R_Severity(data, pos)
+    f_subject, pos = _r_str(data, pos)
+    f_score, pos = _r_double(data, pos)
+    f_threshold, pos = _r_double(data, pos)
+    f_evidence, pos = _R_AnomalyDetected_evidence(data, pos)
+    f_window_start, pos = _r_timestamp_millis(data, pos)
+    f_window_end, pos = _r_timestamp_millis(data, pos)
+    f_detector, pos = _r_str(data, pos)
+    made = AnomalyDetected(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        kind=f_kind,
+        severity=f_severity,
+        subject=f_subject,
+        score=f_score,
+        threshold=f_threshold,
+        evidence=f_evidence,
+        window_start=f_window_start,
+        window_end=f_window_end,
+        detector=f_detector,
+    )
+    return made, pos
+
+
+_W_DeclineReason = wire.w_enum(DeclineReason)
+_R_DeclineReason = wire.r_enum(tuple(DeclineReason))
+
+
+_W_PaymentFailed_next_retry_at = wire.w_optional(0, _w_timestamp_millis)
+_R_PaymentFailed_next_retry_at = wire.r_optional(0, _r_timestamp_millis)
+
+
+def _write_payment_failed(out: bytearray, v: PaymentFailed) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.account_id)
+    _w_uuid(out, v.subscription_id)
+    _w_uuid(out, v.charge_id)
+    _w_str(out, v.idempotency_key)
+    _w_long(out, v.amount_cents)
+    _w_str(out, v.currency)
+    _w_timestamp_millis(out, v.period_start)
+    _w_timestamp_millis(out, v.period_end)
+    _W_DeclineReason(out, v.decline_reason)
+    _w_long(out, v.attempt)
+    _W_PaymentFailed_next_retry_at(out, v.next_retry_at)
+
+
+def _read_payment_failed(data: bytes, pos: int) -> tuple[PaymentFailed, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_account_id, pos = _r_uuid(data, pos)
+    f_subscription_id, pos = _r_uuid(data, pos)
+    f_charge_id, pos = _r_uuid(data, pos)
+    f_idempotency_key, pos = _r_str(data, pos)
+    f_amount_cents, pos = _r_long(data, pos)
+    f_currency, pos = _r_str(data, pos)
+    f_period_start, pos = _r_timestamp_millis(data, pos)
+    f_period_end, pos = _r_timestamp_millis(data, pos)
+    f_decline_reason, pos = _R_DeclineReason(data, pos)
+    f_attempt, pos = _r_long(data, pos)
+    f_next_retry_at, pos = _R_PaymentFailed_next_retry_at(data, pos)
+    made = PaymentFailed(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        account_id=f_account_id,
+        subscription_id=f_subscription_id,
+        charge_id=f_charge_id,
+        idempotency_key=f_idempotency_key,
+        amount_cents=f_amount_cents,
+        currency=f_currency,
+        period_start=f_period_start,
+        period_end=f_period_end,
+        decline_reason=f_decline_reason,
+        attempt=f_attempt,
+        next_retry_at=f_next_retry_at,
+    )
+    return made, pos
+
+
+def _write_payment_succeeded(out: bytearray, v: PaymentSucceeded) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.account_id)
+    _w_uuid(out, v.subscription_id)
+    _w_uuid(out, v.charge_id)
+    _w_str(out, v.idempotency_key)
+    _w_long(out, v.amount_cents)
+    _w_str(out, v.currency)
+    _w_timestamp_millis(out, v.period_start)
+    _w_timestamp_millis(out, v.period_end)
+    _w_long(out, v.attempt)
+
+
+def _read_payment_succeeded(data: bytes, pos: int) -> tuple[PaymentSucceeded, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_account_id, pos = _r_uuid(data, pos)
+    f_subscription_id, pos = _r_uuid(data, pos)
+    f_charge_id, pos = _r_uuid(data, pos)
+    f_idempotency_key, pos = _r_str(data, pos)
+    f_amount_cents, pos = _r_long(data, pos)
+    f_currency, pos = _r_str(data, pos)
+    f_period_start, pos = _r_timestamp_millis(data, pos)
+    f_period_end, pos = _r_timestamp_millis(data, pos)
+    f_attempt, pos = _r_long(data, pos)
+    made = PaymentSucceeded(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        account_id=f_account_id,
+        subscription_id=f_subscription_id,
+        charge_id=f_charge_id,
+        idempotency_key=f_idempotency_key,
+        amount_cents=f_amount_cents,
+        currency=f_currency,
+        period_start=f_period_start,
+        period_end=f_period_end,
+        attempt=f_attempt,
+    )
+    return made, pos
+
+
+_W_RefundReason = wire.w_enum(RefundReason)
+_R_RefundReason = wire.r_enum(tuple(RefundReason))
+
+
+def _write_refund_issued(out: bytearray, v: RefundIssued) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.account_id)
+    _w_uuid(out, v.subscription_id)
+    _w_uuid(out, v.refund_id)
+    _w_uuid(out, v.charge_id)
+    _w_str(out, v.idempotency_key)
+    _w_long(out, v.amount_cents)
+    _w_str(out, v.currency)
+    _W_RefundReason(out, v.reason)
+
+
+def _read_refund_issued(data: bytes, pos: int) -> tuple[RefundIssued, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_account_id, pos = _r_uuid(data, pos)
+    f_subscription_id, pos = _r_uuid(data, pos)
+    f_refund_id, pos = _r_uuid(data, pos)
+    f_charge_id, pos = _r_uuid(data, pos)
+    f_idempotency_key, pos = _r_str(data, pos)
+    f_amount_cents, pos = _r_long(data, pos)
+    f_currency, pos = _r_str(data, pos)
+    f_reason, pos = _R_RefundReason(data, pos)
+    made = RefundIssued(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        account_id=f_account_id,
+        subscription_id=f_subscription_id,
+        refund_id=f_refund_id,
+        charge_id=f_charge_id,
+        idempotency_key=f_idempotency_key,
+        amount_cents=f_amount_cents,
+        currency=f_currency,
+        reason=f_reason,
+    )
+    return made, pos
+
+
+_W_Plan = wire.w_enum(Plan)
+_R_Plan = wire.r_enum(tuple(Plan))
+
+
+_W_CancelReason = wire.w_enum(CancelReason)
+_R_CancelReason = wire.r_enum(tuple(CancelReason))
+
+
+_W_SubscriptionCancelled_reason_detail = wire.w_optional(0, _w_str)
+_R_SubscriptionCancelled_reason_detail = wire.r_optional(0, _r_str)
+
+
+def _write_subscription_cancelled(out: bytearray, v: SubscriptionCancelled) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.account_id)
+    _w_uuid(out, v.subscription_id)
+    _W_Plan(out, v.plan)
+    _w_bool(out, v.at_period_end)
+    _w_timestamp_millis(out, v.effective_at)
+    _W_CancelReason(out, v.reason)
+    _W_SubscriptionCancelled_reason_detail(out, v.reason_detail)
+
+
+def _read_subscription_cancelled(data: bytes, pos: int) -> tuple[SubscriptionCancelled, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_account_id, pos = _r_uuid(data, pos)
+    f_subscription_id, pos = _r_uuid(data, pos)
+    f_plan, pos = _R_Plan(data, pos)
+    f_at_period_end, pos = _r_bool(data, pos)
+    f_effective_at, pos = _r_timestamp_millis(data, pos)
+    f_reason, pos = _R_CancelReason(data, pos)
+    f_reason_detail, pos = _R_SubscriptionCancelled_reason_detail(data, pos)
+    made = SubscriptionCancelled(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        account_id=f_account_id,
+        subscription_id=f_subscription_id,
+        plan=f_plan,
+        at_period_end=f_at_period_end,
+        effective_at=f_effective_at,
+        reason=f_reason,
+        reason_detail=f_reason_detail,
+    )
+    return made, pos
+
+
+def _write_subscription_renewed(out: bytearray, v: SubscriptionRenewed) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.account_id)
+    _w_uuid(out, v.subscription_id)
+    _W_Plan(out, v.plan)
+    _w_uuid(out, v.charge_id)
+    _w_long(out, v.amount_cents)
+    _w_str(out, v.currency)
+    _w_timestamp_millis(out, v.period_start)
+    _w_timestamp_millis(out, v.period_end)
+
+
+def _read_subscription_renewed(data: bytes, pos: int) -> tuple[SubscriptionRenewed, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_account_id, pos = _r_uuid(data, pos)
+    f_subscription_id, pos = _r_uuid(data, pos)
+    f_plan, pos = _R_Plan(data, pos)
+    f_charge_id, pos = _r_uuid(data, pos)
+    f_amount_cents, pos = _r_long(data, pos)
+    f_currency, pos = _r_str(data, pos)
+    f_period_start, pos = _r_timestamp_millis(data, pos)
+    f_period_end, pos = _r_timestamp_millis(data, pos)
+    made = SubscriptionRenewed(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        account_id=f_account_id,
+        subscription_id=f_subscription_id,
+        plan=f_plan,
+        charge_id=f_charge_id,
+        amount_cents=f_amount_cents,
+        currency=f_currency,
+        period_start=f_period_start,
+        period_end=f_period_end,
+    )
+    return made, pos
+
+
+_W_SubscriptionStarted_trial_end = wire.w_optional(0, _w_timestamp_millis)
+_R_SubscriptionStarted_trial_end = wire.r_optional(0, _r_timestamp_millis)
+
+
+def _write_subscription_started(out: bytearray, v: SubscriptionStarted) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.account_id)
+    _w_uuid(out, v.subscription_id)
+    _W_Plan(out, v.plan)
+    _w_long(out, v.amount_cents)
+    _w_str(out, v.currency)
+    _w_timestamp_millis(out, v.period_start)
+    _w_timestamp_millis(out, v.period_end)
+    _W_SubscriptionStarted_trial_end(out, v.trial_end)
+
+
+def _read_subscription_started(data: bytes, pos: int) -> tuple[SubscriptionStarted, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_account_id, pos = _r_uuid(data, pos)
+    f_subscription_id, pos = _r_uuid(data, pos)
+    f_plan, pos = _R_Plan(data, pos)
+    f_amount_cents, pos = _r_long(data, pos)
+    f_currency, pos = _r_str(data, pos)
+    f_period_start, pos = _r_timestamp_millis(data, pos)
+    f_period_end, pos = _r_timestamp_millis(data, pos)
+    f_trial_end, pos = _R_SubscriptionStarted_trial_end(data, pos)
+    made = SubscriptionStarted(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        account_id=f_account_id,
+        subscription_id=f_subscription_id,
+        plan=f_plan,
+        amount_cents=f_amount_cents,
+        currency=f_currency,
+        period_start=f_period_start,
+        period_end=f_period_end,
+        trial_end=f_trial_end,
+    )
+    return made, pos
+
+
+_W_ChangeType = wire.w_enum(ChangeType)
+_R_ChangeType = wire.r_enum(tuple(ChangeType))
+
+
+_W_TitleSnapshot_genres = wire.w_array(_w_str)
+_R_TitleSnapshot_genres = wire.r_array(_r_str)
+_W_TitleSnapshot_ladder_kbps = wire.w_array(_w_long)
+_R_TitleSnapshot_ladder_kbps = wire.r_array(_r_long)
+
+
+def _write_title_snapshot(out: bytearray, v: TitleSnapshot) -> None:
+    _w_str(out, v.name)
+    _W_TitleSnapshot_genres(out, v.genres)
+    _w_long(out, v.runtime_ms)
+    _w_long(out, v.release_year)
+    _w_str(out, v.maturity_rating)
+    _W_TitleSnapshot_ladder_kbps(out, v.ladder_kbps)
+
+
+def _read_title_snapshot(data: bytes, pos: int) -> tuple[TitleSnapshot, int]:
+    f_name, pos = _r_str(data, pos)
+    f_genres, pos = _R_TitleSnapshot_genres(data, pos)
+    f_runtime_ms, pos = _r_long(data, pos)
+    f_release_year, pos = _r_long(data, pos)
+    f_maturity_rating, pos = _r_str(data, pos)
+    f_ladder_kbps, pos = _R_TitleSnapshot_ladder_kbps(data, pos)
+    made = TitleSnapshot(
+        name=f_name,
+        genres=f_genres,
+        runtime_ms=f_runtime_ms,
+        release_year=f_release_year,
+        maturity_rating=f_maturity_rating,
+        ladder_kbps=f_ladder_kbps,
+    )
+    return made, pos
+
+
+_W_TitleChanged_fields_changed = wire.w_array(_w_str)
+_R_TitleChanged_fields_changed = wire.r_array(_r_str)
+_W_TitleChanged_title = wire.w_optional(0, _write_title_snapshot)
+_R_TitleChanged_title = wire.r_optional(0, _read_title_snapshot)
+
+
+def _write_title_changed(out: bytearray, v: TitleChanged) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_str(out, v.title_id)
+    _W_ChangeType(out, v.change)
+    _W_TitleChanged_fields_changed(out, v.fields_changed)
+    _w_long(out, v.title_version)
+    _W_TitleChanged_title(out, v.title)
+
+
+def _read_title_changed(data: bytes, pos: int) -> tuple[TitleChanged, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_title_id, pos = _r_str(data, pos)
+    f_change, pos = _R_ChangeType(data, pos)
+    f_fields_changed, pos = _R_TitleChanged_fields_changed(data, pos)
+    f_title_version, pos = _r_long(data, pos)
+    f_title, pos = _R_TitleChanged_title(data, pos)
+    made = TitleChanged(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        title_id=f_title_id,
+        change=f_change,
+        fields_changed=f_fields_changed,
+        title_version=f_title_version,
+        title=f_title,
+    )
+    return made, pos
+
+
+def _write_view_recorded(out: bytearray, v: ViewRecorded) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.profile_id)
+    _w_uuid(out, v.account_id)
+    _w_str(out, v.title_id)
+    _w_uuid(out, v.session_id)
+    _w_long(out, v.position_ms)
+    _w_long(out, v.duration_ms)
+    _w_long(out, v.watched_ms)
+    _w_timestamp_millis(out, v.watched_at)
+    _w_bool(out, v.completed)
+
+
+def _read_view_recorded(data: bytes, pos: int) -> tuple[ViewRecorded, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_account_id, pos = _r_uuid(data, pos)
+    f_title_id, pos = _r_str(data, pos)
+    f_session_id, pos = _r_uuid(data, pos)
+    f_position_ms, pos = _r_long(data, pos)
+    f_duration_ms, pos = _r_long(data, pos)
+    f_watched_ms, pos = _r_long(data, pos)
+    f_watched_at, pos = _r_timestamp_millis(data, pos)
+    f_completed, pos = _r_bool(data, pos)
+    made = ViewRecorded(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        profile_id=f_profile_id,
+        account_id=f_account_id,
+        title_id=f_title_id,
+        session_id=f_session_id,
+        position_ms=f_position_ms,
+        duration_ms=f_duration_ms,
+        watched_ms=f_watched_ms,
+        watched_at=f_watched_at,
+        completed=f_completed,
+    )
+    return made, pos
+
+
+_W_MountStallSample_kernel_version = wire.w_optional(0, _w_str)
+_R_MountStallSample_kernel_version = wire.r_optional(0, _r_str)
+
+
+def _write_mount_stall_sample(out: bytearray, v: MountStallSample) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_str(out, v.node)
+    _w_str(out, v.probe_id)
+    _w_double(out, v.mount_op_latency_ms)
+    _w_long(out, v.mount_table_size)
+    _w_double(out, v.mount_table_read_ms)
+    _w_double(out, v.probe_latency_ms)
+    _w_bool(out, v.stalled)
+    _w_long(out, v.concurrent_mounts)
+    _W_MountStallSample_kernel_version(out, v.kernel_version)
+
+
+def _read_mount_stall_sample(data: bytes, pos: int) -> tuple[MountStallSample, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_node, pos = _r_str(data, pos)
+    f_probe_id, pos = _r_str(data, pos)
+    f_mount_op_latency_ms, pos = _r_double(data, pos)
+    f_mount_table_size, pos = _r_long(data, pos)
+    f_mount_table_read_ms, pos = _r_double(data, pos)
+    f_probe_latency_ms, pos = _r_double(data, pos)
+    f_stalled, pos = _r_bool(data, pos)
+    f_concurrent_mounts, pos = _r_long(data, pos)
+    f_kernel_version, pos = _R_MountStallSample_kernel_version(data, pos)
+    made = MountStallSample(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        node=f_node,
+        probe_id=f_probe_id,
+        mount_op_latency_ms=f_mount_op_latency_ms,
+        mount_table_size=f_mount_table_size,
+        mount_table_read_ms=f_mount_table_read_ms,
+        probe_latency_ms=f_probe_latency_ms,
+        stalled=f_stalled,
+        concurrent_mounts=f_concurrent_mounts,
+        kernel_version=f_kernel_version,
+    )
+    return made, pos
+
+
+_W_ApplianceContents_title_ids = wire.w_array(_w_str)
+_R_ApplianceContents_title_ids = wire.r_array(_r_str)
+_W_ApplianceContents_removed_title_ids = wire.w_array(_w_str)
+_R_ApplianceContents_removed_title_ids = wire.r_array(_r_str)
+
+
+def _write_appliance_contents(out: bytearray, v: ApplianceContents) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_str(out, v.appliance_id)
+    _W_ApplianceContents_title_ids(out, v.title_ids)
+    _w_bool(out, v.full_snapshot)
+    _W_ApplianceContents_removed_title_ids(out, v.removed_title_ids)
+
+
+def _read_appliance_contents(data: bytes, pos: int) -> tuple[ApplianceContents, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_appliance_id, pos = _r_str(data, pos)
+    f_title_ids, pos = _R_ApplianceContents_title_ids(data, pos)
+    f_full_snapshot, pos = _r_bool(data, pos)
+    f_removed_title_ids, pos = _R_ApplianceContents_removed_title_ids(data, pos)
+    made = ApplianceContents(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        appliance_id=f_appliance_id,
+        title_ids=f_title_ids,
+        full_snapshot=f_full_snapshot,
+        removed_title_ids=f_removed_title_ids,
+    )
+    return made, pos
+
+
+_W_ApplianceHealth_site = wire.w_optional(0, _w_str)
+_R_ApplianceHealth_site = wire.r_optional(0, _r_str)
+
+
+def _write_appliance_health(out: bytearray, v: ApplianceHealth) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_str(out, v.appliance_id)
+    _w_bool(out, v.healthy)
+    _w_double(out, v.load)
+    _w_timestamp_millis(out, v.reported_at)
+    _w_str(out, v.base_url)
+    _W_ApplianceHealth_site(out, v.site)
+
+
+def _read_appliance_health(data: bytes, pos: int) -> tuple[ApplianceHealth, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_appliance_id, pos = _r_str(data, pos)
+    f_healthy, pos = _r_bool(data, pos)
+    f_load, pos = _r_double(data, pos)
+    f_reported_at, pos = _r_timestamp_millis(data, pos)
+    f_base_url, pos = _r_str(data, pos)
+    f_site, pos = _R_ApplianceHealth_site(data, pos)
+    made = ApplianceHealth(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        appliance_id=f_appliance_id,
+        healthy=f_healthy,
+        load=f_load,
+        reported_at=f_reported_at,
+        base_url=f_base_url,
+        site=f_site,
+    )
+    return made, pos
+
+
+def _write_heartbeat(out: bytearray, v: Heartbeat) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.session_id)
+    _w_uuid(out, v.profile_id)
+    _w_str(out, v.title_id)
+    _w_long(out, v.sequence)
+    _w_long(out, v.position_ms)
+    _w_long(out, v.bitrate_kbps)
+    _w_long(out, v.buffer_ms)
+    _w_long(out, v.throughput_kbps)
+    _w_long(out, v.rebuffer_ms)
+
+
+def _read_heartbeat(data: bytes, pos: int) -> tuple[Heartbeat, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_session_id, pos = _r_uuid(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_title_id, pos = _r_str(data, pos)
+    f_sequence, pos = _r_long(data, pos)
+    f_position_ms, pos = _r_long(data, pos)
+    f_bitrate_kbps, pos = _r_long(data, pos)
+    f_buffer_ms, pos = _r_long(data, pos)
+    f_throughput_kbps, pos = _r_long(data, pos)
+    f_rebuffer_ms, pos = _r_long(data, pos)
+    made = Heartbeat(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        session_id=f_session_id,
+        profile_id=f_profile_id,
+        title_id=f_title_id,
+        sequence=f_sequence,
+        position_ms=f_position_ms,
+        bitrate_kbps=f_bitrate_kbps,
+        buffer_ms=f_buffer_ms,
+        throughput_kbps=f_throughput_kbps,
+        rebuffer_ms=f_rebuffer_ms,
+    )
+    return made, pos
+
+
+def _write_session_paused(out: bytearray, v: SessionPaused) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.session_id)
+    _w_uuid(out, v.profile_id)
+    _w_str(out, v.title_id)
+    _w_long(out, v.position_ms)
+
+
+def _read_session_paused(data: bytes, pos: int) -> tuple[SessionPaused, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_session_id, pos = _r_uuid(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_title_id, pos = _r_str(data, pos)
+    f_position_ms, pos = _r_long(data, pos)
+    made = SessionPaused(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        session_id=f_session_id,
+        profile_id=f_profile_id,
+        title_id=f_title_id,
+        position_ms=f_position_ms,
+    )
+    return made, pos
+
+
+def _write_session_resumed(out: bytearray, v: SessionResumed) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.session_id)
+    _w_uuid(out, v.profile_id)
+    _w_str(out, v.title_id)
+    _w_long(out, v.position_ms)
+    _w_long(out, v.paused_ms)
+
+
+def _read_session_resumed(data: bytes, pos: int) -> tuple[SessionResumed, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_session_id, pos = _r_uuid(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_title_id, pos = _r_str(data, pos)
+    f_position_ms, pos = _r_long(data, pos)
+    f_paused_ms, pos = _r_long(data, pos)
+    made = SessionResumed(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        session_id=f_session_id,
+        profile_id=f_profile_id,
+        title_id=f_title_id,
+        position_ms=f_position_ms,
+        paused_ms=f_paused_ms,
+    )
+    return made, pos
+
+
+_W_DeviceType = wire.w_enum(DeviceType)
+_R_DeviceType = wire.r_enum(tuple(DeviceType))
+
+
+_W_SessionStarted_country = wire.w_optional(0, _w_str)
+_R_SessionStarted_country = wire.r_optional(0, _r_str)
+_W_SessionStarted_client_version = wire.w_optional(0, _w_str)
+_R_SessionStarted_client_version = wire.r_optional(0, _r_str)
+
+
+def _write_session_started(out: bytearray, v: SessionStarted) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.session_id)
+    _w_uuid(out, v.account_id)
+    _w_uuid(out, v.profile_id)
+    _w_str(out, v.title_id)
+    _W_DeviceType(out, v.device_type)
+    _w_str(out, v.client_ip)
+    _w_str(out, v.appliance_id)
+    _w_str(out, v.cdn_url)
+    _w_long(out, v.initial_bitrate_kbps)
+    _w_long(out, v.position_ms)
+    _w_long(out, v.title_duration_ms)
+    _W_SessionStarted_country(out, v.country)
+    _W_SessionStarted_client_version(out, v.client_version)
+
+
+def _read_session_started(data: bytes, pos: int) -> tuple[SessionStarted, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_session_id, pos = _r_uuid(data, pos)
+    f_account_id, pos = _r_uuid(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_title_id, pos = _r_str(data, pos)
+    f_device_type, pos = _R_DeviceType(data, pos)
+    f_client_ip, pos = _r_str(data, pos)
+    f_appliance_id, pos = _r_str(data, pos)
+    f_cdn_url, pos = _r_str(data, pos)
+    f_initial_bitrate_kbps, pos = _r_long(data, pos)
+    f_position_ms, pos = _r_long(data, pos)
+    f_title_duration_ms, pos = _r_long(data, pos)
+    f_country, pos = _R_SessionStarted_country(data, pos)
+    f_client_version, pos = _R_SessionStarted_client_version(data, pos)
+    made = SessionStarted(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        session_id=f_session_id,
+        account_id=f_account_id,
+        profile_id=f_profile_id,
+        title_id=f_title_id,
+        device_type=f_device_type,
+        client_ip=f_client_ip,
+        appliance_id=f_appliance_id,
+        cdn_url=f_cdn_url,
+        initial_bitrate_kbps=f_initial_bitrate_kbps,
+        position_ms=f_position_ms,
+        title_duration_ms=f_title_duration_ms,
+        country=f_country,
+        client_version=f_client_version,
+    )
+    return made, pos
+
+
+_W_StopReason = wire.w_enum(StopReason)
+_R_StopReason = wire.r_enum(tuple(StopReason))
+
+
+_W_SessionStopped_error_code = wire.w_optional(0, _w_str)
+_R_SessionStopped_error_code = wire.r_optional(0, _r_str)
+
+
+def _write_session_stopped(out: bytearray, v: SessionStopped) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.session_id)
+    _w_uuid(out, v.profile_id)
+    _w_str(out, v.title_id)
+    _w_long(out, v.position_ms)
+    _W_StopReason(out, v.reason)
+    _w_long(out, v.watched_ms)
+    _W_SessionStopped_error_code(out, v.error_code)
+
+
+def _read_session_stopped(data: bytes, pos: int) -> tuple[SessionStopped, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_session_id, pos = _r_uuid(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_title_id, pos = _r_str(data, pos)
+    f_position_ms, pos = _r_long(data, pos)
+    f_reason, pos = _R_StopReason(data, pos)
+    f_watched_ms, pos = _r_long(data, pos)
+    f_error_code, pos = _R_SessionStopped_error_code(data, pos)
+    made = SessionStopped(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        session_id=f_session_id,
+        profile_id=f_profile_id,
+        title_id=f_title_id,
+        position_ms=f_position_ms,
+        reason=f_reason,
+        watched_ms=f_watched_ms,
+        error_code=f_error_code,
+    )
+    return made, pos
+
+
+def _write_recommended_item(out: bytearray, v: RecommendedItem) -> None:
+    _w_str(out, v.title_id)
+    _w_double(out, v.score)
+    _w_str(out, v.reason)
+
+
+def _read_recommended_item(data: bytes, pos: int) -> tuple[RecommendedItem, int]:
+    f_title_id, pos = _r_str(data, pos)
+    f_score, pos = _r_double(data, pos)
+    f_reason, pos = _r_str(data, pos)
+    made = RecommendedItem(
+        title_id=f_title_id,
+        score=f_score,
+        reason=f_reason,
+    )
+    return made, pos
+
+
+_W_ProfileRecommendations_items = wire.w_array(_write_recommended_item)
+_R_ProfileRecommendations_items = wire.r_array(_read_recommended_item)
+
+
+def _write_profile_recommendations(out: bytearray, v: ProfileRecommendations) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.profile_id)
+    _w_str(out, v.model_version)
+    _w_timestamp_millis(out, v.computed_at)
+    _W_ProfileRecommendations_items(out, v.items)
+
+
+def _read_profile_recommendations(data: bytes, pos: int) -> tuple[ProfileRecommendations, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_model_version, pos = _r_str(data, pos)
+    f_computed_at, pos = _r_timestamp_millis(data, pos)
+    f_items, pos = _R_ProfileRecommendations_items(data, pos)
+    made = ProfileRecommendations(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        profile_id=f_profile_id,
+        model_version=f_model_version,
+        computed_at=f_computed_at,
+        items=f_items,
+    )
+    return made, pos
+
+
+def _write_load_sample(out: bytearray, v: LoadSample) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_str(out, v.service)
+    _w_str(out, v.instance)
+    _w_double(out, v.cpu_utilization)
+    _w_long(out, v.in_flight)
+    _w_double(out, v.request_rate)
+    _w_long(out, v.consumer_lag)
+    _w_long(out, v.window_ms)
+
+
+def _read_load_sample(data: bytes, pos: int) -> tuple[LoadSample, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_service, pos = _r_str(data, pos)
+    f_instance, pos = _r_str(data, pos)
+    f_cpu_utilization, pos = _r_double(data, pos)
+    f_in_flight, pos = _r_long(data, pos)
+    f_request_rate, pos = _r_double(data, pos)
+    f_consumer_lag, pos = _r_long(data, pos)
+    f_window_ms, pos = _r_long(data, pos)
+    made = LoadSample(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        service=f_service,
+        instance=f_instance,
+        cpu_utilization=f_cpu_utilization,
+        in_flight=f_in_flight,
+        request_rate=f_request_rate,
+        consumer_lag=f_consumer_lag,
+        window_ms=f_window_ms,
+    )
+    return made, pos
+
+
+_W_ScalingAction = wire.w_enum(ScalingAction)
+_R_ScalingAction = wire.r_enum(tuple(ScalingAction))
+
+
+_W_ScalingDecision_signals = wire.w_map(_w_double)
+_R_ScalingDecision_signals = wire.r_map(_r_double)
+
+
+def _write_scaling_decision(out: bytearray, v: ScalingDecision) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_str(out, v.service)
+    _w_long(out, v.from_replicas)
+    _w_long(out, v.to_replicas)
+    _W_ScalingAction(out, v.action)
+    _w_str(out, v.reason)
+    _W_ScalingDecision_signals(out, v.signals)
+
+
+def _read_scaling_decision(data: bytes, pos: int) -> tuple[ScalingDecision, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_service, pos = _r_str(data, pos)
+    f_from_replicas, pos = _r_long(data, pos)
+    f_to_replicas, pos = _r_long(data, pos)
+    f_action, pos = _R_ScalingAction(data, pos)
+    f_reason, pos = _r_str(data, pos)
+    f_signals, pos = _R_ScalingDecision_signals(data, pos)
+    made = ScalingDecision(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        service=f_service,
+        from_replicas=f_from_replicas,
+        to_replicas=f_to_replicas,
+        action=f_action,
+        reason=f_reason,
+        signals=f_signals,
+    )
+    return made, pos
+
+
+_W_BitrateSample_dropped_frames = wire.w_optional(0, _w_long)
+_R_BitrateSample_dropped_frames = wire.r_optional(0, _r_long)
+_W_BitrateSample_appliance_id = wire.w_optional(0, _w_str)
+_R_BitrateSample_appliance_id = wire.r_optional(0, _r_str)
+
+
+def _write_bitrate_sample(out: bytearray, v: BitrateSample) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.session_id)
+    _w_uuid(out, v.profile_id)
+    _w_str(out, v.title_id)
+    _w_timestamp_millis(out, v.interval_start)
+    _w_long(out, v.interval_ms)
+    _w_long(out, v.throughput_kbps)
+    _w_long(out, v.buffer_ms)
+    _w_long(out, v.selected_bitrate_kbps)
+    _w_long(out, v.rebuffer_ms)
+    _W_BitrateSample_dropped_frames(out, v.dropped_frames)
+    _W_BitrateSample_appliance_id(out, v.appliance_id)
+
+
+def _read_bitrate_sample(data: bytes, pos: int) -> tuple[BitrateSample, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_session_id, pos = _r_uuid(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_title_id, pos = _r_str(data, pos)
+    f_interval_start, pos = _r_timestamp_millis(data, pos)
+    f_interval_ms, pos = _r_long(data, pos)
+    f_throughput_kbps, pos = _r_long(data, pos)
+    f_buffer_ms, pos = _r_long(data, pos)
+    f_selected_bitrate_kbps, pos = _r_long(data, pos)
+    f_rebuffer_ms, pos = _r_long(data, pos)
+    f_dropped_frames, pos = _R_BitrateSample_dropped_frames(data, pos)
+    f_appliance_id, pos = _R_BitrateSample_appliance_id(data, pos)
+    made = BitrateSample(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        session_id=f_session_id,
+        profile_id=f_profile_id,
+        title_id=f_title_id,
+        interval_start=f_interval_start,
+        interval_ms=f_interval_ms,
+        throughput_kbps=f_throughput_kbps,
+        buffer_ms=f_buffer_ms,
+        selected_bitrate_kbps=f_selected_bitrate_kbps,
+        rebuffer_ms=f_rebuffer_ms,
+        dropped_frames=f_dropped_frames,
+        appliance_id=f_appliance_id,
+    )
+    return made, pos
+
+
 EVENT_TYPES: dict[str, type[AvroEvent]] = {
     cls.SCHEMA_NAME: cls
     for cls in (
@@ -1521,4 +2513,118 @@ EVENT_TYPES: dict[str, type[AvroEvent]] = {
         ScalingDecision,
         BitrateSample,
     )
+}
+
+
+AVRO_CODECS: dict[str, wire.Codec] = {
+    ProfileCreated.SCHEMA_NAME: wire.Codec(
+        "4a2ef9175be6e4bb7b7b471cbe9ace50",
+        _write_profile_created,
+        _read_profile_created,
+    ),
+    AnomalyDetected.SCHEMA_NAME: wire.Codec(
+        "4f14678b847f09ed326949932df614ea",
+        _write_anomaly_detected,
+        _read_anomaly_detected,
+    ),
+    PaymentFailed.SCHEMA_NAME: wire.Codec(
+        "2d7840da28bea5c1c151d2822a3033f7",
+        _write_payment_failed,
+        _read_payment_failed,
+    ),
+    PaymentSucceeded.SCHEMA_NAME: wire.Codec(
+        "45bc1065bee9f451c27b5cb460d65e9e",
+        _write_payment_succeeded,
+        _read_payment_succeeded,
+    ),
+    RefundIssued.SCHEMA_NAME: wire.Codec(
+        "d8c56209329ffb1e71d8176d01c15c97",
+        _write_refund_issued,
+        _read_refund_issued,
+    ),
+    SubscriptionCancelled.SCHEMA_NAME: wire.Codec(
+        "a914d61099ce0ea0d6d7fdee4e74237f",
+        _write_subscription_cancelled,
+        _read_subscription_cancelled,
+    ),
+    SubscriptionRenewed.SCHEMA_NAME: wire.Codec(
+        "b837236a86aacfb54e787fef6614f515",
+        _write_subscription_renewed,
+        _read_subscription_renewed,
+    ),
+    SubscriptionStarted.SCHEMA_NAME: wire.Codec(
+        "4b7de8ba8634c81240d0e207028eb288",
+        _write_subscription_started,
+        _read_subscription_started,
+    ),
+    TitleChanged.SCHEMA_NAME: wire.Codec(
+        "959b358d0c0a0447ca5f681d64037d10",
+        _write_title_changed,
+        _read_title_changed,
+    ),
+    ViewRecorded.SCHEMA_NAME: wire.Codec(
+        "104a9aa48f04aa28abc110896878e9c0",
+        _write_view_recorded,
+        _read_view_recorded,
+    ),
+    MountStallSample.SCHEMA_NAME: wire.Codec(
+        "c3cb9addad3c9e5fcf6d3fdb52ff31aa",
+        _write_mount_stall_sample,
+        _read_mount_stall_sample,
+    ),
+    ApplianceContents.SCHEMA_NAME: wire.Codec(
+        "493a5273128b3c774db9c201078e1848",
+        _write_appliance_contents,
+        _read_appliance_contents,
+    ),
+    ApplianceHealth.SCHEMA_NAME: wire.Codec(
+        "e5947bf06f80dcb413249cda1fe5e467",
+        _write_appliance_health,
+        _read_appliance_health,
+    ),
+    Heartbeat.SCHEMA_NAME: wire.Codec(
+        "6e3662506939244db34db731034d456c",
+        _write_heartbeat,
+        _read_heartbeat,
+    ),
+    SessionPaused.SCHEMA_NAME: wire.Codec(
+        "bb984a65e70667d9fb92f18f21ca2208",
+        _write_session_paused,
+        _read_session_paused,
+    ),
+    SessionResumed.SCHEMA_NAME: wire.Codec(
+        "6ffc50366005c147a8ee4da8db50638c",
+        _write_session_resumed,
+        _read_session_resumed,
+    ),
+    SessionStarted.SCHEMA_NAME: wire.Codec(
+        "db305e43ebdbb2706ed5ad129fe78ae9",
+        _write_session_started,
+        _read_session_started,
+    ),
+    SessionStopped.SCHEMA_NAME: wire.Codec(
+        "00fbac4ed38a29a30610aec1d54619ec",
+        _write_session_stopped,
+        _read_session_stopped,
+    ),
+    ProfileRecommendations.SCHEMA_NAME: wire.Codec(
+        "9a2e13454a21d40ba7b25d23afc030bf",
+        _write_profile_recommendations,
+        _read_profile_recommendations,
+    ),
+    LoadSample.SCHEMA_NAME: wire.Codec(
+        "12373cbd7426de3362bf326106353bc8",
+        _write_load_sample,
+        _read_load_sample,
+    ),
+    ScalingDecision.SCHEMA_NAME: wire.Codec(
+        "6c4d6548417ba1c544db45f877f99aec",
+        _write_scaling_decision,
+        _read_scaling_decision,
+    ),
+    BitrateSample.SCHEMA_NAME: wire.Codec(
+        "4d13350dca4b9158540d78e9f418c457",
+        _write_bitrate_sample,
+        _read_bitrate_sample,
+    ),
 }

@@ -5,13 +5,21 @@ the same broker:
 
 - **produce**: ``org.apache.kafka.tools.ProducerPerformance`` (settings as close as Java allows to the
   bus producer's: ``acks=all``, idempotence, ``linger.ms=5``, lz4, 1 MB batches) sending records of N
-  bytes, versus ``Producer.produce`` sending typed ``Heartbeat`` events: each event is built, Avro
-  encoded (5-byte header + body = N bytes), given its headers and its PRODUCER span, exactly as a
-  service sends one. Both are timed until the last record is acknowledged.
+  bytes, versus ``Producer.produce_batch`` sending typed ``Heartbeat`` events, ``--batch`` per call:
+  each event is built and Avro encoded on its own (5-byte header + body = N bytes) with its own key
+  and ``reelbus.event-id`` header; each call makes one PRODUCER span whose ``traceparent`` every
+  record carries, as a service that sends a batch does (``--batch 1``: ``Producer.produce``, one span
+  and one future per record). Both are timed until the last record is acknowledged.
 - **consume**: ``org.apache.kafka.tools.ConsumerPerformance`` reading the records the bus producer
   wrote (its ``fetch.nMsg.sec``: the group join is not counted), versus a ``BusConsumer`` decoding
-  them into typed events for a handler that only counts, with its CONSUMER span and commits, timed
-  from the first record handled to the last.
+  each record into a typed event for a handler that only counts (``--handler batch``, the default: a
+  ``batched`` handler, called once per span group; ``record``: called once per record), with its
+  CONSUMER spans (one per produced batch fetched together) and commits, timed from the first
+  handler call to the last.
+
+Tracing (``--tracing``): ``exported`` (default) sets tracing up as a service does (``setup_tracing``:
+the ``OTEL_*`` variables, Zipkin by default, spans exported in the background); ``recorded`` makes
+every span but exports none; ``off`` is the no-op API (no spans, no ``traceparent``).
 
 The bus side is warmed up first on a topic of its own (not counted); the JVM tools count their own
 JIT warm-up (their 4.1 versions have no warm-up option), not the JVM's start. The bench topics are
@@ -26,6 +34,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -49,7 +58,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.bus.admin import Admin
-from services.bus.consumer import BusConsumer, ConsumerConfig, ConsumerDied, Record
+from services.bus.consumer import AnyHandler, BusConsumer, ConsumerConfig, ConsumerDied, Record, batched
 from services.bus.contracts import ContractError, Contracts, Topic
 from services.bus.events import Heartbeat
 from services.bus.producer import (
@@ -63,6 +72,7 @@ from services.bus.producer import (
 )
 from services.bus.registry import RegistryClient, RegistryError, RegistryUnavailable
 from services.bus.serde import Serde
+from services.bus.tracing import setup_tracing
 from services.cli import infra
 
 PRODUCER_PERF = "org.apache.kafka.tools.ProducerPerformance"
@@ -246,7 +256,8 @@ def render_table(result: BenchResult) -> str:
     lines = [
         f"reelbus bench bus: {s['records']} records of {s['record_size']} B "
         f"({s['event_type']}, 5-byte header + {s['record_size'] - 5}-byte Avro body), "
-        f"{s['partitions']} partitions, warm-up {s['warmup']} records (not counted), tracing {s['tracing']}",
+        f"{s['partitions']} partitions, warm-up {s['warmup']} records (not counted), tracing {s['tracing']}, "
+        f"{s.get('batch', 1)} records per produce call, {s.get('handler', 'record')} handler",
         f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, {m['os']}, {m['date']}",
         f"versions: Kafka {m['kafka']}, Java {m['java']}, Python {m['python']}, "
         f"confluent-kafka {m['confluent_kafka']} (librdkafka {m['librdkafka']})",
@@ -279,7 +290,7 @@ def render_table(result: BenchResult) -> str:
         "MB/s = records/s x record size (MiB of values); the bus records also carry a "
         f"{s['key_size']}-byte key and ~{s['header_bytes']} bytes of headers, ProducerPerformance's none.",
         "kafka consume = ConsumerPerformance fetch.nMsg.sec (group join excluded); "
-        "reelbus consume = first record handled to last.",
+        "reelbus consume = first handler call to last (the records of the first call not counted).",
     ]
     for name, raw in result.raw.items():
         lines.append(f"{name}: {raw}")
@@ -371,7 +382,9 @@ class Options:
     warmup: int
     partitions: int
     window: int
-    tracing: str  # recorded | off
+    tracing: str  # exported | recorded | off
+    batch: int = 1000  # records per produce_batch call; 1: Producer.produce per record
+    handler: str = "batch"  # batch | record
 
 
 def check_bus(layout: infra.Layout) -> None:
@@ -413,37 +426,65 @@ async def run_java(layout: infra.Layout, label: str, main: str, args: Sequence[s
     return lines
 
 
-def _setup_tracing(mode: str) -> TracerProvider | None:
-    """``recorded``: an SDK tracer provider with no exporter, so every span is made, sampled and ended
-    and every record carries its traceparent, as in a service, but nothing is sent; ``off``: the
-    no-op API (no spans, no traceparent). There is deliberately no exporting mode: hundreds of
-    thousands of spans make the native Zipkin (in-memory storage, 256 MB heap) run out of memory."""
+def _setup_tracing(mode: str, layout: infra.Layout) -> TracerProvider | None:
+    """``exported``: what a service runs (``setup_tracing``: the ``OTEL_*`` variables, by default a
+    batching Zipkin exporter to this bus's Zipkin); ``recorded``: an SDK tracer provider with no
+    exporter, so every span is made, sampled and ended and every record carries its traceparent, but
+    nothing is sent; ``off``: the no-op API (no spans, no traceparent). With ``--batch 1`` and
+    ``exported``, the exporter's queue drops what Zipkin cannot take, as it would in a service."""
     if mode == "off":
         return None
+    if mode == "exported":
+        os.environ.setdefault("OTEL_EXPORTER_ZIPKIN_ENDPOINT", f"{layout.zipkin_url}/api/v2/spans")
+        return setup_tracing("reelbus-bench")
     provider = TracerProvider(resource=Resource.create({"service.name": "reelbus-bench"}))
     trace.set_tracer_provider(provider)
     return provider
 
 
 async def produce_events(
-    producer: Producer, topic: Topic, source: HeartbeatSource, count: int, window: int, label: str, say: Say
+    producer: Producer,
+    topic: Topic,
+    source: HeartbeatSource,
+    count: int,
+    window: int,
+    label: str,
+    say: Say,
+    batch: int = 1,
 ) -> float:
-    """Send ``count`` new events through ``Producer.produce``; at most ``window`` unacknowledged.
-    Returns the seconds from the first event built to the last one acknowledged."""
-    pending: collections.deque[asyncio.Future[Delivered]] = collections.deque()
+    """Send ``count`` new events, ``batch`` per ``Producer.produce_batch`` call (``Producer.produce``
+    per event for 1); at most ``window`` records unacknowledged. Returns the seconds from the first
+    event built to the last one acknowledged."""
+    pending: collections.deque[tuple[asyncio.Future[Delivered] | asyncio.Future[int], int]] = (
+        collections.deque()
+    )
+    in_flight = 0
     started = time.perf_counter()
     next_report = started + 2.0
-    for i in range(count):
-        event = source.event(i)
-        pending.append(producer.produce(topic, source.key(event), event))
-        if len(pending) >= window:
-            await pending.popleft()
-            if not i & 0xFFF and time.perf_counter() >= next_report:
-                now = time.perf_counter()
-                say(f"{label}: {i + 1}/{count} queued, {(i + 1) / (now - started):,.0f} records/s so far")
+    i = 0
+    while i < count:
+        n = min(batch, count - i)
+        if batch == 1:
+            event = source.event(i)
+            pending.append((producer.produce(topic, source.key(event), event), 1))
+        else:
+            items = []
+            for j in range(i, i + n):
+                event = source.event(j)
+                items.append((source.key(event), event))
+            pending.append((producer.produce_batch(topic, items), n))
+        i += n
+        in_flight += n
+        while in_flight >= window:
+            future, sent = pending.popleft()
+            await future
+            in_flight -= sent
+            now = time.perf_counter()
+            if now >= next_report:
+                say(f"{label}: {i}/{count} queued, {i / (now - started):,.0f} records/s so far")
                 next_report = now + 2.0
     while pending:
-        await pending.popleft()
+        await pending.popleft()[0]
     return time.perf_counter() - started
 
 
@@ -458,28 +499,39 @@ async def consume_events(
     label: str,
     say: Say,
     stall_timeout: float = 60.0,
-) -> float:
-    """A BusConsumer with a counting handler; returns the seconds from the first record handled to
-    the ``expected``-th."""
+    handler_mode: str = "record",
+) -> tuple[int, float]:
+    """A BusConsumer with a counting handler (``handler_mode`` record or batch); returns the records
+    handled after the first handler call and the seconds from that call to the one that handled the
+    ``expected``-th record."""
     count = 0
+    first_size = 0
     first = last = 0.0
     consumer: BusConsumer | None = None
 
-    async def handle(event: Any, record: Record) -> None:
-        nonlocal count, first, last
-        count += 1
-        if count == 1:
+    def handled(n: int) -> None:
+        nonlocal count, first, last, first_size
+        if count == 0:
             first = time.perf_counter()
-        if count == expected:
+            first_size = n
+        count += n
+        if count >= expected and not last:
             last = time.perf_counter()
             assert consumer is not None
             consumer.stop()
 
+    async def handle(event: Any, record: Record) -> None:
+        handled(1)
+
+    async def handle_many(items: list[tuple[Any, Record]]) -> None:
+        handled(len(items))
+
+    handler: AnyHandler = batched(handle_many) if handler_mode == "batch" else handle
     consumer = BusConsumer(
         ConsumerConfig(layout.bootstrap_servers, group_id=group, topics=[topic_name], client_id=group),
         contracts,
         serde,
-        {Heartbeat.SCHEMA_NAME: handle},
+        {Heartbeat.SCHEMA_NAME: handler},
         dead_letters,
     )
     task = asyncio.create_task(consumer.run(), name=group)
@@ -502,7 +554,7 @@ async def consume_events(
             await asyncio.wait_for(task, 30)
     if count < expected:
         raise BenchError(f"{label}: the consumer stopped at {count}/{expected} records")
-    return last - first
+    return expected - first_size, last - first
 
 
 async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResult:
@@ -521,8 +573,9 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
     admin = Admin(layout.bootstrap_servers, registry)
     groups = [f"bench-{run_id}-{name}" for name in ("kafka", "warmup", "bus")]
     ours = [topic.name, topic.dlq, warm.name, warm.dlq, raw_topic]
-    provider = _setup_tracing(opts.tracing)
+    provider = _setup_tracing(opts.tracing, layout)
     source = HeartbeatSource()
+    gc.freeze()  # as services.bus.runtime.serve() does once a service has started
     try:
         say(f"run {run_id}: creating {topic.name}, {warm.name} (with .dlq) and {raw_topic}")
         plan = await asyncio.to_thread(admin.apply, contracts, [topic.name, warm.name])
@@ -565,6 +618,8 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
                     "partitions": opts.partitions,
                     "window": opts.window,
                     "tracing": opts.tracing,
+                    "batch": opts.batch,
+                    "handler": opts.handler,
                     "run_id": run_id,
                     "kafka_producer_props": list(KAFKA_PRODUCER_PROPS),
                     "producer": {
@@ -615,13 +670,16 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
             )
 
             say(f"reelbus producer: warm-up, {opts.warmup} events to {warm.name}")
-            await produce_events(producer, warm, source, opts.warmup, opts.window, "warm-up", say)
+            await produce_events(
+                producer, warm, source, opts.warmup, opts.window, "warm-up", say, batch=opts.batch
+            )
             say(f"reelbus producer: {opts.records} Heartbeat events to {topic.name}")
             seconds = await produce_events(
-                producer, topic, source, opts.records, opts.window, "reelbus producer", say
+                producer, topic, source, opts.records, opts.window, "reelbus producer", say, batch=opts.batch
             )
+            api = "Producer.produce_batch" if opts.batch > 1 else "Producer.produce"
             result.measurements.append(
-                Measurement("produce", "reelbus Producer.produce", opts.records, seconds, record_size)
+                Measurement("produce", f"reelbus {api}", opts.records, seconds, record_size)
             )
             say(f"reelbus producer: {opts.records / seconds:,.0f} records/s")
 
@@ -660,10 +718,19 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
             consumer_serde = Serde(contracts, registry)
             say(f"reelbus consumer: warm-up, {opts.warmup} events from {warm.name}")
             await consume_events(
-                layout, contracts, consumer_serde, warm.name, opts.warmup, groups[1], producer, "warm-up", say
+                layout,
+                contracts,
+                consumer_serde,
+                warm.name,
+                opts.warmup,
+                groups[1],
+                producer,
+                "warm-up",
+                say,
+                handler_mode=opts.handler,
             )
             say(f"reelbus consumer: {opts.records} events from {topic.name}")
-            seconds = await consume_events(
+            counted, seconds = await consume_events(
                 layout,
                 contracts,
                 consumer_serde,
@@ -673,12 +740,12 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
                 producer,
                 "reelbus consumer",
                 say,
+                handler_mode=opts.handler,
             )
-            # From the first record handled to the last: records - 1 intervals.
-            result.measurements.append(
-                Measurement("consume", "reelbus BusConsumer", opts.records - 1, seconds, record_size)
-            )
-            say(f"reelbus consumer: {(opts.records - 1) / seconds:,.0f} records/s")
+            # From the first handler call to the last: the records of the first call are not counted.
+            tool = "reelbus BusConsumer" + (" (batched handler)" if opts.handler == "batch" else "")
+            result.measurements.append(Measurement("consume", tool, counted, seconds, record_size))
+            say(f"reelbus consumer: {counted / seconds:,.0f} records/s")
         finally:
             await producer.close()
         return result
@@ -761,6 +828,8 @@ def cmd_bench_bus(args: argparse.Namespace) -> int:
         partitions=args.partitions,
         window=args.window,
         tracing=args.tracing,
+        batch=args.batch,
+        handler=args.handler,
     )
     try:
         result = asyncio.run(bench_bus(layout, opts, _progress))
@@ -785,7 +854,7 @@ def cmd_bench_bus(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("bench", help="measure the bus (more benches to come)")
+    p = sub.add_parser("bench", help="measure the bus and the playback path against baselines")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
     b = benches.add_parser(
@@ -810,11 +879,36 @@ def register(sub: Any) -> None:
         help="bus producer: most records sent but not yet acknowledged (default 50000)",
     )
     b.add_argument(
+        "--batch",
+        type=_positive,
+        default=1000,
+        help="bus producer: events per Producer.produce_batch call (default 1000); "
+        "1: Producer.produce per event",
+    )
+    b.add_argument(
+        "--handler",
+        choices=("batch", "record"),
+        default="batch",
+        help="bus consumer: a batched handler (default) or one called per record",
+    )
+    b.add_argument(
         "--tracing",
-        choices=("recorded", "off"),
-        default="recorded",
-        help="recorded (default): spans made and traceparent sent as in a service, not exported; "
+        choices=("exported", "recorded", "off"),
+        default="exported",
+        help="exported (default): tracing as a service sets it up (OTEL_* variables, Zipkin by "
+        "default); recorded: spans made and traceparent sent, nothing exported; "
         "off: the no-op tracing API, no spans and no traceparent",
     )
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(func=cmd_bench_bus)
+
+    from services.cli import bench_playback
+
+    pb = benches.add_parser(
+        "playback",
+        help="heartbeats through gateway, playback, Kafka, history, Cassandra vs a bare aiohttp handler",
+        description=bench_playback.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_playback.add_arguments(pb)
+    pb.set_defaults(func=bench_playback.run)

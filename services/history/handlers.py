@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from opentelemetry import trace
 from services.bus.consumer import Record, Retryable
 from services.bus.events import AvroEvent, ProfileCreated, SessionStopped, ViewRecorded
 from services.bus.tracing import ATTR_ACCOUNT_ID, ATTR_PROFILE_ID, ATTR_SESSION_ID, ATTR_TITLE_ID
+from services.history import metrics
 from services.history.adapters.store import MAX_LIVE_ROWS, HistoryStore, LiveRow, RollupMeta
 from services.history.records import (
     CorruptRollup,
@@ -39,6 +41,7 @@ from services.history.records import (
     decompress,
     merge,
     select_for_rollup,
+    utc,
 )
 
 log = logging.getLogger("reelbus.history")
@@ -87,6 +90,8 @@ async def record_playback(event: PlaybackEvent, record: Record, deps: Dependenci
     after = apply_event(before, event, deps.completed_fraction)
     if after != before:
         await deps.store.save_session(after, before)
+        accepted = utc(event.event_time).timestamp()
+        metrics.ACCEPT_TO_WRITE.labels(type(event).__name__).observe(max(0.0, time.time() - accepted))
     else:
         span.set_attribute("reelbus.history.unchanged", True)  # a redelivery or a stale event
     if isinstance(event, SessionStopped):

@@ -12,7 +12,15 @@ from typing import Any, cast
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.bus.consumer import BusConsumer, ConsumerConfig, Handler, Record, Retryable, RetryPolicy
+from services.bus.consumer import (
+    AnyHandler,
+    BusConsumer,
+    ConsumerConfig,
+    Handler,
+    Record,
+    Retryable,
+    RetryPolicy,
+)
 from services.bus.contracts import Contracts, Topic
 from services.bus.events import ViewRecorded
 from services.bus.producer import Producer, ProducerConfig
@@ -60,7 +68,7 @@ async def consuming(
     layout: Layout,
     contracts: Contracts,
     topic: Topic,
-    handlers: Mapping[str, Handler],
+    handlers: Mapping[str, AnyHandler],
     dead_letters: Producer,
     retry: RetryPolicy | None = None,
 ) -> AsyncIterator[BusConsumer]:
