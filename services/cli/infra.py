@@ -46,7 +46,7 @@ class InfraError(RuntimeError):
     """A component could not be installed or started; the message names it and its log."""
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -57,6 +57,9 @@ def _env_int(name: str, default: int) -> int:
     if not 0 < value < 65536:
         raise InfraError(f"{name}={raw!r} is outside 1..65535")
     return value
+
+
+_env_int = env_int  # the old name, still used by work in progress
 
 
 @dataclass(frozen=True)
@@ -79,15 +82,15 @@ class Layout:
         home = Path(os.environ.get("REELBUS_HOME") or REPO_ROOT / ".reelbus").resolve()
         return cls(
             home=home,
-            kafka_port=_env_int("REELBUS_KAFKA_PORT", 9092),
-            kafka_controller_port=_env_int("REELBUS_KAFKA_CONTROLLER_PORT", 9093),
-            registry_port=_env_int("REELBUS_REGISTRY_PORT", 8081),
-            registry_management_port=_env_int("REELBUS_REGISTRY_MANAGEMENT_PORT", 8091),
-            zipkin_port=_env_int("REELBUS_ZIPKIN_PORT", 9411),
-            postgres_port=_env_int("REELBUS_POSTGRES_PORT", 5432),
-            redis_port=_env_int("REELBUS_REDIS_PORT", 6379),
-            cassandra_port=_env_int("REELBUS_CASSANDRA_PORT", 9042),
-            cassandra_storage_port=_env_int("REELBUS_CASSANDRA_STORAGE_PORT", 7000),
+            kafka_port=env_int("REELBUS_KAFKA_PORT", 9092),
+            kafka_controller_port=env_int("REELBUS_KAFKA_CONTROLLER_PORT", 9093),
+            registry_port=env_int("REELBUS_REGISTRY_PORT", 8081),
+            registry_management_port=env_int("REELBUS_REGISTRY_MANAGEMENT_PORT", 8091),
+            zipkin_port=env_int("REELBUS_ZIPKIN_PORT", 9411),
+            postgres_port=env_int("REELBUS_POSTGRES_PORT", 5432),
+            redis_port=env_int("REELBUS_REDIS_PORT", 6379),
+            cassandra_port=env_int("REELBUS_CASSANDRA_PORT", 9042),
+            cassandra_storage_port=env_int("REELBUS_CASSANDRA_STORAGE_PORT", 7000),
         )
 
     @property

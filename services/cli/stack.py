@@ -22,10 +22,19 @@ INFRA = ("postgres", "redis", "kafka", "registry", "cassandra", "zipkin")
 @dataclass(frozen=True)
 class ServiceDef:
     name: str
-    port: int
+    default_port: int
     database: str | None = None  # a PostgreSQL database of its own
     env: Callable[[Layout], dict[str, str]] = field(default=lambda _lay: {})
     after: tuple[str, ...] = ("postgres", "kafka", "registry")
+
+    @property
+    def port(self) -> int:
+        """``REELBUS_<NAME>_PORT`` moves it, as for the infrastructure."""
+        return infra.env_int(f"REELBUS_{self.name.upper().replace('-', '_')}_PORT", self.default_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def prefix(self) -> str:
@@ -79,15 +88,19 @@ SERVICES: tuple[ServiceDef, ...] = (
         8080,
         env=lambda lay: {
             "GATEWAY_REDIS_URL": _redis(lay),
-            "GATEWAY_ACCOUNTS_URL": "http://127.0.0.1:8101",
-            "GATEWAY_CATALOG_URL": "http://127.0.0.1:8102",
-            "GATEWAY_PLAYBACK_URL": "http://127.0.0.1:8103",
-            "GATEWAY_HISTORY_URL": "http://127.0.0.1:8104",
-            "GATEWAY_BILLING_URL": "http://127.0.0.1:8105",
+            "GATEWAY_ACCOUNTS_URL": service("accounts").url,
+            "GATEWAY_CATALOG_URL": service("catalog").url,
+            "GATEWAY_PLAYBACK_URL": service("playback").url,
+            "GATEWAY_HISTORY_URL": service("history").url,
+            "GATEWAY_BILLING_URL": "http://127.0.0.1:" + str(infra.env_int("REELBUS_BILLING_PORT", 8105)),
         },
         after=("redis", "kafka", "registry", "accounts", "catalog", "playback", "history"),
     ),
 )
+
+
+def service(name: str) -> ServiceDef:
+    return next(s for s in SERVICES if s.name == name)
 
 
 def service_env(layout: Layout, svc: ServiceDef) -> dict[str, str]:
@@ -120,11 +133,11 @@ def _component(svc: ServiceDef) -> Component:
                            cwd=infra.REPO_ROOT)  # fmt: skip
 
     def healthy(layout: Layout) -> bool:
-        return infra.http_ok(f"http://127.0.0.1:{svc.port}/readyz")
+        return infra.http_ok(f"{svc.url}/readyz")
 
     return Component(
         name=svc.name,
-        address=lambda _lay: f"http://127.0.0.1:{svc.port}",
+        address=lambda _lay: svc.url,
         healthy=healthy,
         install=install,
         start=start,

@@ -32,7 +32,8 @@ from services.cli.infra import Layout
 from tests.conftest import http_json, unique, wait_for
 
 pytestmark = pytest.mark.infra
-GATEWAY = "http://127.0.0.1:8080"
+GATEWAY = stack.service("gateway").url
+ZIPKIN = Layout.from_env().zipkin_url
 
 
 @pytest.fixture(scope="session")
@@ -206,7 +207,7 @@ async def test_start_and_stop_are_one_connected_trace_from_the_gateway_to_cassan
 
     def spans() -> list[dict[str, Any]] | None:
         try:
-            found: list[dict[str, Any]] = http_json(f"http://localhost:9411/api/v2/trace/{trace_id}")
+            found: list[dict[str, Any]] = http_json(f"{ZIPKIN}/api/v2/trace/{trace_id}")
         except urllib.error.HTTPError:
             return None
         services = {s.get("localEndpoint", {}).get("serviceName") for s in found}
