@@ -835,9 +835,10 @@ BY_NAME = {c.name: c for c in COMPONENTS}
 
 def all_components() -> list[Component]:
     """The infrastructure, then the services this checkout has (``services/cli/stack.py``)."""
+    from services.cli.galera import galera_components
     from services.cli.stack import service_components
 
-    return [*COMPONENTS, *service_components()]
+    return [*COMPONENTS, *galera_components(), *service_components()]
 
 
 def select(names: Sequence[str] | None) -> list[Component]:

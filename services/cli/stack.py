@@ -17,6 +17,7 @@ from services.cli.infra import Component, Layout, Progress
 SERVICES_DIR = infra.REPO_ROOT / "services"
 APPLIANCES_EXAMPLE = SERVICES_DIR / "playback" / "appliances.example.yaml"
 INFRA = ("postgres", "redis", "kafka", "registry", "cassandra", "zipkin")
+DATABASES = ("galera-1", "galera-2", "garbd", "galera-replica", "haproxy")  # billing's
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ GATEWAY = stack.service("gateway").url
 ZIPKIN = Layout.from_env().zipkin_url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def services_up(bus_infra: Layout) -> Iterator[Layout]:
-    """The services, started once per session by the same code as ``make up``."""
+    """The services, started by the same code as ``make up``, for this module only: they consume the
+    declared topics, and other modules' tests run services of their own on them."""
     names = [s.name for s in stack.SERVICES if s.exists()]
     result = asyncio.run(infra.up(bus_infra, names, progress=lambda m: print(f"[stack] {m}", flush=True)))
     try:

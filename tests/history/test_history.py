@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import socket
 import time
 import urllib.error
 import uuid
@@ -24,7 +25,7 @@ from services.bus.registry import RegistryClient
 from services.bus.serde import Serde
 from services.cli.infra import Layout
 from services.cli.tail import read
-from tests.conftest import http_json, wait_for
+from tests.conftest import http_json, unique, wait_for
 from tests.history.conftest import VIEWS, Bus, History, Viewer, at, iso
 
 pytestmark = pytest.mark.infra
@@ -303,9 +304,12 @@ async def test_a_reader_concurrent_with_many_rollups_never_misses_or_doubles_a_r
 
 
 async def views_for(
-    layout: Layout, contracts: Contracts, since_ms: int, viewer: Viewer
+    layout: Layout, contracts: Contracts, since_ms: int, viewer: Viewer, history: History
 ) -> list[ViewRecorded]:
-    """The ViewRecorded events for the viewer's profile on the declared topic, since ``since_ms``."""
+    """The ViewRecorded events this test's history process published for the viewer's profile on the
+    declared topic since ``since_ms`` (a history service of a running stack consumes the same
+    playback events, and publishes its own)."""
+    producer = f"history-{socket.gethostname()}-{history.process.proc.pid}".encode()
     serde = Serde(contracts, RegistryClient(layout.registry_url))
     topic = contracts.topic(VIEWS)
     messages = await asyncio.to_thread(
@@ -314,6 +318,8 @@ async def views_for(
     found: list[ViewRecorded] = []
     for msg in messages:
         event = await serde.decode_event(topic, msg.value)
+        if dict(msg.headers).get("reelbus.producer") != producer:
+            continue
         if isinstance(event, ViewRecorded) and event.profile_id == viewer.profile_id:
             assert await serde.decode_key(msg.key) == str(viewer.profile_id)
             found.append(event)
@@ -347,7 +353,7 @@ async def test_view_recorded_is_published_exactly_once_per_stopped_session(
     await item_of(history, viewer, second, position_ms=1_000_000, completed=False)
 
     async def both() -> list[ViewRecorded] | None:
-        views = await views_for(bus_infra, contracts, since_ms, viewer)
+        views = await views_for(bus_infra, contracts, since_ms, viewer, history)
         return views if {v.session_id for v in views} == {first, second} else None
 
     views = await wait_for(both, "the ViewRecorded events", 30, 0.5)
@@ -457,7 +463,9 @@ async def test_bad_query_params_are_a_400_naming_the_field(start_history: Any, b
 async def test_the_trace_goes_from_the_event_through_history_to_cassandra_and_the_view(
     start_history: Any, bus: Bus, bus_infra: Layout, tracing: TracerProvider
 ) -> None:
-    history: History = await start_history()
+    # A name of its own: a running stack's history service consumes the same events and traces them.
+    name = unique("history")
+    history: History = await start_history(OTEL_SERVICE_NAME=name)
     viewer = Viewer()
     await bus.profile(viewer)
     await history.known(viewer)
@@ -475,21 +483,20 @@ async def test_the_trace_goes_from_the_event_through_history_to_cassandra_and_th
             found: list[dict[str, Any]] = http_json(f"{bus_infra.zipkin_url}/api/v2/trace/{trace_id}")
         except urllib.error.HTTPError:
             return None
-        names = {s.get("name", "") for s in found}
+        names = {s.get("name", "") for s in found if s["localEndpoint"]["serviceName"] == name}
         ready = "send history.views" in names and any(n.startswith("cassandra ") for n in names)
         return found if ready else None
 
     found = await wait_for(lambda: asyncio.to_thread(spans), "the history spans in Zipkin", 30, 0.5)
     producer = next(s for s in found if s["kind"] == "PRODUCER" and s["name"] == "send playback.events")
-    consumer = next(
-        s for s in found if s["kind"] == "CONSUMER" and s["localEndpoint"]["serviceName"] == "history"
-    )
+    consumer = next(s for s in found if s["kind"] == "CONSUMER" and s["localEndpoint"]["serviceName"] == name)
     assert consumer["parentId"] == producer["id"]
     assert consumer["tags"]["reelbus.profile_id"] == str(viewer.profile_id)
     assert consumer["tags"]["reelbus.playback.title_id"] == "tt0076759"
-    writes = [s for s in found if s["kind"] == "CLIENT" and s["name"].startswith("cassandra ")]
+    ours = [s for s in found if s["localEndpoint"]["serviceName"] == name]
+    writes = [s for s in ours if s["kind"] == "CLIENT" and s["name"].startswith("cassandra ")]
     assert any("live_vh" in s["name"] for s in writes), [s["name"] for s in writes]
     assert all(s["parentId"] == consumer["id"] for s in writes)
     assert {s["tags"]["db.system.name"] for s in writes} == {"cassandra"}
-    view = next(s for s in found if s["name"] == "send history.views")
+    view = next(s for s in ours if s["name"] == "send history.views")
     assert view["parentId"] == consumer["id"] and view["kind"] == "PRODUCER"
