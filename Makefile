@@ -8,10 +8,11 @@ REELBUS := $(VENV)/bin/reelbus
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml deploy/k8s/install-tools.sh
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	PYTHON=$(PY) bash deploy/k8s/install-tools.sh
 	touch $@
 
 up: install

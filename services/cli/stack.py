@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.cli import infra
 from services.cli.infra import Component, Layout, Progress
@@ -25,6 +26,7 @@ class ServiceDef:
     name: str
     default_port: int
     database: str | None = None  # a PostgreSQL database of its own
+    mysql_database: str | None = None  # a database of its own on the Galera cluster (billing)
     env: Callable[[Layout], dict[str, str]] = field(default=lambda _lay: {})
     after: tuple[str, ...] = ("postgres", "kafka", "registry")
 
@@ -47,6 +49,12 @@ class ServiceDef:
 
     def exists(self) -> bool:
         return (SERVICES_DIR / self.name.replace("-", "_") / "__main__.py").exists()
+
+
+def galera_ports() -> Any:
+    from services.cli.galera import Ports
+
+    return Ports.from_env()
 
 
 def _pg(layout: Layout, db: str) -> str:
@@ -85,6 +93,17 @@ SERVICES: tuple[ServiceDef, ...] = (
         after=("cassandra", "kafka", "registry"),
     ),
     ServiceDef(
+        "billing",
+        8105,
+        mysql_database="billing",
+        env=lambda _lay: {
+            "BILLING_DATABASE_NAME": "billing",
+            "BILLING_WRITE_PORT": str(galera_ports().write),
+            "BILLING_READ_PORT": str(galera_ports().read),
+        },
+        after=("haproxy", "kafka", "registry"),
+    ),
+    ServiceDef(
         "gateway",
         8080,
         env=lambda lay: {
@@ -95,7 +114,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "GATEWAY_HISTORY_URL": service("history").url,
             "GATEWAY_BILLING_URL": "http://127.0.0.1:" + str(infra.env_int("REELBUS_BILLING_PORT", 8105)),
         },
-        after=("redis", "kafka", "registry", "accounts", "catalog", "playback", "history"),
+        after=("redis", "kafka", "registry", "accounts", "catalog", "playback", "history", "billing"),
     ),
 )
 
@@ -130,6 +149,10 @@ def _component(svc: ServiceDef) -> Component:
     def start(layout: Layout) -> subprocess.Popen[bytes]:
         if svc.database:
             infra.ensure_database(layout, svc.database)
+        if svc.mysql_database:
+            from services.cli.galera import endpoint_sql
+
+            endpoint_sql(galera_ports().write, f"CREATE DATABASE IF NOT EXISTS `{svc.mysql_database}`")
         return infra.spawn(layout, svc.name, [sys.executable, "-m", svc.module], env=service_env(layout, svc),
                            cwd=infra.REPO_ROOT)  # fmt: skip
 
