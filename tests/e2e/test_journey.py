@@ -1,7 +1,8 @@
 """Watching a title end to end, through the gateway only, against the whole stack as ``make up`` starts it.
 
-Billing has no service yet, so the test publishes the subscription events that playback projects,
-and the Open Connect appliances' health and contents reports, on their topics directly.
+Two tests publish the subscription events that playback projects directly (the journey is about
+watching); a third subscribes and cancels through billing. The Open Connect appliances' health and
+contents reports are published on their topic, as the appliances would.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ ZIPKIN = Layout.from_env().zipkin_url
 def services_up(bus_infra: Layout) -> Iterator[Layout]:
     """The services, started by the same code as ``make up``, for this module only: they consume the
     declared topics, and other modules' tests run services of their own on them."""
-    names = [s.name for s in stack.SERVICES if s.exists()]
+    names = [*stack.DATABASES, *(s.name for s in stack.SERVICES if s.exists())]
     result = asyncio.run(infra.up(bus_infra, names, progress=lambda m: print(f"[stack] {m}", flush=True)))
     try:
         yield bus_infra
@@ -236,3 +237,46 @@ async def test_start_and_stop_are_one_connected_trace_from_the_gateway_to_cassan
     assert path[0] == "gateway:SERVER", path
     assert "playback:SERVER" in path and "playback:PRODUCER" in path and "history:CONSUMER" in path, path
     assert path.index("playback:PRODUCER") < path.index("history:CONSUMER") < len(path) - 1
+
+
+async def test_subscribing_allows_playback_and_cancelling_now_refuses_it_through_the_gateway(
+    producer: Producer,
+) -> None:
+    account_id, token, profile_id = await signed_up_viewer()
+    status, page = await acall("GET", "/v1/catalog/titles?limit=1&offset=11", token=token)
+    title_id = page["items"][0]["title_id"]
+    await stock_exchange_point(producer, title_id)
+    start = {"profile_id": profile_id, "title_id": title_id}
+
+    status, body = await acall("POST", "/v1/playback/sessions", start, token)
+    assert status in (403, 404), body  # no subscription yet (or the profile not projected yet)
+
+    key = {"Idempotency-Key": unique("subscribe")}
+    subscribe = {"account_id": account_id, "plan": "STANDARD", "card_token": "tok_ok"}
+    status, sub = await acall("POST", "/v1/billing/subscriptions", subscribe, token, headers=key)
+    assert status == 201, sub
+    again, same = await acall("POST", "/v1/billing/subscriptions", subscribe, token, headers=key)
+    assert (again, same["subscription_id"]) == (201, sub["subscription_id"]), "a repeat moves no money"
+
+    async def allowed() -> dict[str, Any] | None:
+        status, body = await acall("POST", "/v1/playback/sessions", start, token)
+        assert status in (201, 403, 404), body
+        return body if status == 201 else None
+
+    await wait_for(allowed, "playback to be allowed after subscribing", 60, 0.5)
+
+    cancel_path = f"/v1/billing/subscriptions/{sub['subscription_id']}/cancel"
+    status, body = await acall("POST", cancel_path, {"at_period_end": False}, token,
+                               headers={"Idempotency-Key": unique("cancel")})  # fmt: skip
+    assert status in (200, 202), body
+
+    async def refused() -> dict[str, Any] | None:
+        status, body = await acall("POST", "/v1/playback/sessions", start, token)
+        assert status in (201, 403), body
+        return body if status == 403 else None
+
+    refusal = await wait_for(refused, "playback to be refused after cancelling now", 60, 0.5)
+    assert refusal.get("reason") == "cancelled", refusal
+
+    status, account = await acall("GET", f"/v1/billing/accounts/{account_id}", token=token)
+    assert status == 200, account
