@@ -912,3 +912,14 @@ def register(sub: Any) -> None:
     )
     bench_playback.add_arguments(pb)
     pb.set_defaults(func=bench_playback.run)
+
+    from services.cli import bench_billing
+
+    bb = benches.add_parser(
+        "billing",
+        help="charges/s through the Galera cluster versus a single non-replicated MariaDB",
+        description=bench_billing.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_billing.add_arguments(bb)
+    bb.set_defaults(func=bench_billing.run)
