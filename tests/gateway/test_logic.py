@@ -104,6 +104,10 @@ def test_the_openapi_file_describes_the_public_api_through_the_route_table() -> 
         ("post", "/v1/playback/sessions/{session_id}/heartbeats"),
         ("post", "/v1/playback/sessions/{session_id}/stop"),
         ("get", "/v1/profiles/{profile_id}/history"),
+        ("post", "/v1/billing/subscriptions"),
+        ("post", "/v1/billing/subscriptions/{subscription_id}/cancel"),
+        ("post", "/v1/billing/refunds"),
+        ("get", "/v1/billing/accounts/{account_id}"),
     }
     described = {(m, p) for p, ops in paths.items() for m in ops if m in METHODS}
     assert expected <= described
