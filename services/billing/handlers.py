@@ -567,7 +567,7 @@ async def renew_one(sid: uuid.UUID, deps: Deps) -> int:
     charge_id = derived_id(str(sid), start.isoformat(), "renewal")
     amount = PLANS[sub["plan"]]
     try:
-        outcome = await deps.provider.charge(str(charge_id), sub["card_token"], amount)
+        outcome = await deps.provider.charge(str(charge_id), sub["card_token"], amount, renewal=True)
     except ProviderTimeout:
         log.warning("renewal charge %s timed out; the next run asks again with the same id", charge_id)
         return 0

@@ -28,9 +28,9 @@ from services.bus.events import (
 from services.bus.producer import Producer, ProducerConfig
 from services.bus.registry import RegistryClient
 from services.bus.serde import Serde
-from services.cli import infra, stack
+from services.cli import galera, infra, stack
 from services.cli.infra import Layout
-from tests.conftest import http_json, unique, wait_for
+from tests.conftest import SpawnService, http_json, unique, wait_for
 
 pytestmark = pytest.mark.infra
 GATEWAY = stack.service("gateway").url
@@ -280,3 +280,63 @@ async def test_subscribing_allows_playback_and_cancelling_now_refuses_it_through
 
     status, account = await acall("GET", f"/v1/billing/accounts/{account_id}", token=token)
     assert status == 200, account
+
+
+async def test_a_failed_renewal_refuses_playback_through_the_gateway(
+    producer: Producer, spawn_service: SpawnService, services_up: Layout
+) -> None:
+    """Billing with 4-second periods (a process of this test's own, on a database of its own) renews
+    a card that declines renewals: its PaymentFailed ends the entitlement playback projects."""
+    database = f"billing_e2e_{uuid.uuid4().hex[:10]}"
+    await asyncio.to_thread(
+        galera.endpoint_sql, galera.Ports.from_env().write, f"CREATE DATABASE `{database}`"
+    )
+    billing = spawn_service(
+        "services.billing",
+        "BILLING_",
+        BILLING_DATABASE_NAME=database,
+        BILLING_WRITE_PORT=str(galera.Ports.from_env().write),
+        BILLING_READ_PORT=str(galera.Ports.from_env().read),
+        BILLING_PERIOD_SECONDS="4",
+        BILLING_RENEWAL_INTERVAL_SECONDS="0.5",
+        BILLING_OUTBOX_POLL_INTERVAL_SECONDS="0.2",
+        OTEL_SERVICE_NAME=unique("billing-e2e"),
+    )
+    await billing.wait_ready()
+    account_id, token, profile_id = await signed_up_viewer()
+    status, page = await acall("GET", "/v1/catalog/titles?limit=1&offset=13", token=token)
+    title_id = page["items"][0]["title_id"]
+    await stock_exchange_point(producer, title_id)
+    start = {"profile_id": profile_id, "title_id": title_id}
+
+    subscribe = {"account_id": account_id, "plan": "BASIC", "card_token": "tok_renewal_decline"}
+    status, sub = await asyncio.to_thread(
+        call_url, f"{billing.url}/v1/billing/subscriptions", subscribe, token, unique("subscribe")
+    )
+    assert status == 201, sub
+
+    async def refused_for_payment() -> dict[str, Any] | None:
+        status, body = await acall("POST", "/v1/playback/sessions", start, token)
+        assert status in (201, 403, 404), body
+        return body if status == 403 and body.get("reason") == "payment_failed" else None
+
+    refusal = await wait_for(refused_for_payment, "playback refused after the renewal was declined", 60, 0.5)
+    assert "message" in refusal
+    try:
+        await asyncio.to_thread(
+            galera.endpoint_sql, galera.Ports.from_env().write, f"DROP DATABASE `{database}`"
+        )
+    finally:
+        billing.proc.terminate()
+
+
+def call_url(url: str, body: Any, token: str, key: str) -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", f"Bearer {token}")
+    req.add_header("Idempotency-Key", key)
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")

@@ -2,7 +2,9 @@
 
 - ``tok_ok`` captures at once, ``tok_slow`` captures after ``slow_seconds``;
 - ``tok_decline`` is declined (CARD_DECLINED);
-- ``tok_timeout`` never answers within ``timeout_seconds``: nothing is captured.
+- ``tok_timeout`` never answers within ``timeout_seconds``: nothing is captured;
+- ``tok_renewal_decline`` captures a subscription's first charge and declines its renewals (a card
+  that expired during the period), for the failed-renewal path.
 
 It stands for a remote service, so it has a connection pool of its own: a transaction that holds
 a row lock while it waits for the provider (a refund) can never starve the provider of a
@@ -19,7 +21,7 @@ from typing import Any
 
 from services.billing.adapters.db import Database, execute, fetch_one
 
-CARD_TOKENS = ("tok_ok", "tok_decline", "tok_timeout", "tok_slow")
+CARD_TOKENS = ("tok_ok", "tok_decline", "tok_timeout", "tok_slow", "tok_renewal_decline")
 
 
 class ProviderTimeout(Exception):
@@ -38,14 +40,17 @@ class PaymentProvider:
         self.timeout_seconds = timeout_seconds
         self.slow_seconds = slow_seconds
 
-    async def charge(self, key: str, card_token: str, amount_cents: int) -> Outcome:
+    async def charge(self, key: str, card_token: str, amount_cents: int, *, renewal: bool = False) -> Outcome:
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 if card_token == "tok_timeout":
                     await asyncio.Event().wait()  # the provider never answers
                 if card_token == "tok_slow":
                     await asyncio.sleep(self.slow_seconds)
-                outcome = "captured" if card_token in ("tok_ok", "tok_slow") else "CARD_DECLINED"
+                captures = card_token in ("tok_ok", "tok_slow") or (
+                    card_token == "tok_renewal_decline" and not renewal
+                )
+                outcome = "captured" if captures else "CARD_DECLINED"
                 recorded = await self._record(key, "charge", card_token, amount_cents, outcome)
         except TimeoutError:
             raise ProviderTimeout(
