@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,12 +104,42 @@ class TokenIssuer:
 
 
 class TokenVerifier:
-    def __init__(self, key: Ed25519PublicKey, audience: str = AUDIENCE, leeway_seconds: int = 5) -> None:
+    """Verifies access tokens. A token that verified is remembered (the exact token string, signature
+    included, in a bounded LRU) until its expiry plus the leeway, so a client's next requests with the
+    same token skip the signature check and claim parsing; any other string, a tampered one included,
+    is verified in full, and an expired token is refused as before. Failures are not remembered."""
+
+    def __init__(
+        self,
+        key: Ed25519PublicKey,
+        audience: str = AUDIENCE,
+        leeway_seconds: int = 5,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.key = key
         self.audience = audience
         self.leeway_seconds = leeway_seconds
+        self.cache_size = cache_size
+        self.clock = clock
+        self._verified: OrderedDict[str, tuple[float, Claims]] = OrderedDict()
 
     def verify(self, token: str) -> Claims:
+        cached = self._verified.get(token)
+        if cached is not None:
+            valid_until, claims = cached
+            if self.clock() < valid_until:  # what jwt accepts: now < exp + leeway
+                self._verified.move_to_end(token)
+                return claims
+            del self._verified[token]
+        claims = self._verify(token)
+        if self.cache_size > 0:
+            self._verified[token] = (claims.expires_at + self.leeway_seconds, claims)
+            if len(self._verified) > self.cache_size:
+                self._verified.popitem(last=False)
+        return claims
+
+    def _verify(self, token: str) -> Claims:
         try:
             raw: dict[str, Any] = jwt.decode(
                 token,

@@ -299,9 +299,7 @@ class BusConsumer:
             committing: list[tuple[tuple[str, int], int]] = []
             try:
                 while not self._stopping.is_set():
-                    batch: list[Message] = await asyncio.to_thread(
-                        consumer.consume, self.config.batch_size, self.config.poll_timeout
-                    )
+                    batch = await asyncio.to_thread(self._fetch, consumer)
                     if self._assigned and not self.assigned_event.is_set():
                         self.assigned_event.set()
                     await self._process_batch(batch)
@@ -322,6 +320,17 @@ class BusConsumer:
             raise ConsumerDied(f"consumer of group {self.config.group_id} failed: {exc}") from exc
         finally:
             await asyncio.to_thread(self._close, consumer)
+
+    def _fetch(self, consumer: Consumer) -> list[Message]:
+        """The next records: wait up to ``poll_timeout`` for one, then take what else is already
+        fetched, up to ``batch_size``. (One ``consume(batch_size, timeout)`` would sit out the whole
+        timeout whenever fewer than ``batch_size`` records come: at a low rate every record would
+        wait up to ``poll_timeout`` before its handler runs.) Blocking: on a worker thread."""
+        first: list[Message] = consumer.consume(1, self.config.poll_timeout)
+        if not first or self.config.batch_size <= 1:
+            return first
+        rest: list[Message] = consumer.consume(self.config.batch_size - 1, 0)
+        return first + rest
 
     def _close(self, consumer: Consumer) -> None:
         try:

@@ -98,13 +98,26 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 UNTRACED = frozenset({"/livez", "/readyz", "/metrics"})
 
+_tracers: dict[str, trace.Tracer] = {}
+
+
+def _tracer(name: str) -> trace.Tracer:
+    """The provider's tracer, looked up once (the SDK's ``get_tracer`` builds a new one, with a
+    deprecation check, on every call); a proxy, before a provider is installed, is not kept."""
+    found = _tracers.get(name)
+    if found is None:
+        found = trace.get_tracer(name)
+        if not isinstance(found, trace.ProxyTracer):
+            _tracers[name] = found
+    return found
+
 
 @web.middleware
 async def tracing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A SERVER span per request, child of the caller's ``traceparent``."""
     if request.path in UNTRACED:
         return await handler(request)
-    tracer = trace.get_tracer("reelbus.http")
+    tracer = _tracer("reelbus.http")
     parent = propagate.extract(dict(request.headers))
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
     with tracer.start_as_current_span(
@@ -136,7 +149,7 @@ async def traced_request(
     data: bytes | None = None,
 ) -> tuple[int, bytes, dict[str, str]]:
     """One outgoing request in a CLIENT span, trace context injected."""
-    tracer = trace.get_tracer("reelbus.http.client")
+    tracer = _tracer("reelbus.http.client")
     with tracer.start_as_current_span(
         f"{method} {url.split('?', maxsplit=1)[0]}", kind=SpanKind.CLIENT
     ) as span:
