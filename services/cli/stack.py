@@ -98,6 +98,8 @@ SERVICES: tuple[ServiceDef, ...] = (
         mysql_database="billing",
         env=lambda _lay: {
             "BILLING_DATABASE_NAME": "billing",
+            "BILLING_WRITE_HOST": "127.0.0.1",
+            "BILLING_READ_HOST": "127.0.0.1",
             "BILLING_WRITE_PORT": str(galera_ports().write),
             "BILLING_READ_PORT": str(galera_ports().read),
         },

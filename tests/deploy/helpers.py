@@ -126,6 +126,8 @@ def expected_container_env(name: str) -> dict[str, str]:
             out[key] = "0.0.0.0"  # reachable from other containers, not only from itself
         elif key == "HISTORY_CASSANDRA_HOSTS":
             out[key] = "cassandra"
+        elif key in ("BILLING_WRITE_HOST", "BILLING_READ_HOST"):
+            out[key] = "haproxy"  # natively HAProxy's endpoints on loopback
         else:
             out[key] = containerise(value)
     return out
