@@ -76,13 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    from services.cli import abr, bench, evaluate, tail, topics
+    from services.cli import abr, bench, evaluate, replay, tail, topics
 
     topics.register(sub)
     tail.register(sub)
     bench.register(sub)
     abr.register(sub)
     evaluate.register(sub)
+    replay.register(sub)
     return parser
 
 
