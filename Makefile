@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml deploy/k8s/install-tools.sh
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	PYTHON=$(PY) bash deploy/k8s/install-tools.sh
+	$(REELBUS) install jaeger  # built from the Go module proxy; minutes the first time
 	touch $@
 
 up: install

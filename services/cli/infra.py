@@ -293,6 +293,7 @@ class Component:
     start_timeout: float = 90.0
     post_start: Callable[[Layout], None] | None = None
     memory_flags: tuple[str, ...] = field(default_factory=tuple)
+    default: bool = True  # started by a plain ``up``; otherwise only when named (``up jaeger``)
 
 
 def _run(cmd: Sequence[str], what: str, log: Path, cwd: Path | None = None) -> None:
@@ -836,15 +837,17 @@ BY_NAME = {c.name: c for c in COMPONENTS}
 def all_components() -> list[Component]:
     """The infrastructure, then the services this checkout has (``services/cli/stack.py``)."""
     from services.cli.galera import galera_components
+    from services.cli.jaeger import jaeger_components
     from services.cli.stack import service_components
 
-    return [*COMPONENTS, *galera_components(), *service_components()]
+    return [*COMPONENTS, *galera_components(), *jaeger_components(), *service_components()]
 
 
-def select(names: Sequence[str] | None) -> list[Component]:
+def select(names: Sequence[str] | None, *, defaults_only: bool = False) -> list[Component]:
+    """The named components, or all of them; ``up`` without names leaves out the optional ones."""
     known = {c.name: c for c in all_components()}
     if not names:
-        return list(known.values())
+        return [c for c in known.values() if c.default or not defaults_only]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise InfraError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -883,7 +886,7 @@ async def up(
     """Install what is missing, start what is not running, and wait until everything is healthy."""
     say: Progress = progress or (lambda _msg: None)
     t0 = time.monotonic()
-    comps = select(names)
+    comps = select(names, defaults_only=True)
     for sub in (layout.lib, layout.data, layout.logs, layout.run):
         sub.mkdir(parents=True, exist_ok=True)
     generate_key_pair(layout.home / "keys")  # the access-token signing keys (accounts signs, all verify)
@@ -979,5 +982,9 @@ async def status(layout: Layout, names: Sequence[str] | None = None) -> list[Sta
             log=str(layout.log_file(comp.name)),
         )
 
-    waits: list[Awaitable[Status]] = [one(c) for c in select(names)]
+    def shown(comp: Component) -> bool:  # optional components only while they run
+        record = read_pid(layout, comp.name)
+        return comp.default or bool(names) or (record is not None and record.alive())
+
+    waits: list[Awaitable[Status]] = [one(c) for c in select(names) if shown(c)]
     return list(await asyncio.gather(*waits))

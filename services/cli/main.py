@@ -29,6 +29,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    layout = infra.Layout.from_env()
+    for comp in infra.select(args.components, defaults_only=True):
+        comp.install(layout, _progress)
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     infra.down(infra.Layout.from_env(), args.components, _progress)
     return 0
@@ -66,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="install what is missing and start the bus natively")
     p.add_argument("components", nargs="*", help="some of the components (default: all, services included)")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("install", help="install (download, build) components without starting them")
+    p.add_argument("components", nargs="*", help="some of the components (default: those `up` starts)")
+    p.set_defaults(func=cmd_install)
 
     p = sub.add_parser("down", help="stop, by pid, what `up` started")
     p.add_argument("components", nargs="*")
