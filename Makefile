@@ -8,10 +8,15 @@ REELBUS := $(VENV)/bin/reelbus
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml deploy/k8s/install-tools.sh
+# The bus's native Avro codec (Rust, pyo3, built by maturin with cargo): services/bus/wire.py falls back
+# to its Python codecs without it, but the suite checks it is there.
+NATIVE_SRC := $(wildcard services/bus/native/Cargo.* services/bus/native/pyproject.toml services/bus/native/src/*.rs)
+
+$(VENV)/.installed: pyproject.toml deploy/k8s/install-tools.sh $(NATIVE_SRC)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q ./services/bus/native
 	PYTHON=$(PY) bash deploy/k8s/install-tools.sh
 	$(REELBUS) install jaeger  # built from the Go module proxy; minutes the first time
 	touch $@

@@ -67,6 +67,35 @@ class AbrState:
     buffer_capacity_s: float = 60.0
 
 
+def state_before_chunk(
+    ladder_kbps: tuple[int, ...],
+    chunk_duration_s: float,
+    chunk_sizes: Sequence[tuple[int, ...]],
+    chunk: int,
+    buffer_s: float,
+    last_index: int | None,
+    throughputs_kbps: Sequence[float],
+    download_times_s: Sequence[float],
+    buffer_capacity_s: float = 60.0,
+) -> AbrState:
+    """The state before requesting chunk ``chunk`` of a video of ``len(chunk_sizes)`` chunks.
+
+    The one way an :class:`AbrState` is built, by the simulator and by the live ABR service alike, so
+    that both hand their algorithm the same input for the same observations.
+    """
+    return AbrState(
+        ladder_kbps=ladder_kbps,
+        chunk_duration_s=chunk_duration_s,
+        buffer_s=buffer_s,
+        last_index=last_index,
+        throughputs_kbps=tuple(throughputs_kbps),
+        download_times_s=tuple(download_times_s),
+        next_chunk_sizes=tuple(chunk_sizes[chunk:]),
+        remaining_chunks=len(chunk_sizes) - chunk,
+        buffer_capacity_s=buffer_capacity_s,
+    )
+
+
 class Algorithm(Protocol):
     """An ABR algorithm: a name and a pure choice of ladder index."""
 

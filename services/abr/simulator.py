@@ -38,7 +38,7 @@ from itertools import pairwise
 from pathlib import Path
 from statistics import fmean
 
-from services.abr.algorithms import AbrState, Algorithm
+from services.abr.algorithms import Algorithm, state_before_chunk
 from services.abr.qoe import QoE, session_qoe
 
 PENSIEVE_LADDER_KBPS: tuple[int, ...] = (300, 750, 1200, 1850, 2850, 4300)
@@ -282,18 +282,11 @@ def simulate(trace: Trace, algorithm: Algorithm, config: PlayerConfig | None = N
             rung = cfg.first_index
         else:
             rung = algorithm.choose(
-                AbrState(
-                    ladder_kbps=ladder,
-                    chunk_duration_s=cfg.chunk_duration_s,
-                    buffer_s=buffer_s,
-                    last_index=last,
-                    throughputs_kbps=tuple(throughputs),
-                    download_times_s=tuple(download_times),
-                    next_chunk_sizes=sizes[n:],
-                    remaining_chunks=cfg.chunks - n,
-                    buffer_capacity_s=cfg.buffer_capacity_s,
+                state_before_chunk(
+                    ladder, cfg.chunk_duration_s, sizes, n, buffer_s, last, throughputs, download_times,
+                    cfg.buffer_capacity_s,
                 )
-            )
+            )  # fmt: skip
             if not 0 <= rung < len(ladder):
                 raise ValueError(f"{algorithm.name} chose rung {rung} of a {len(ladder)}-rung ladder")
         size = sizes[n][rung]

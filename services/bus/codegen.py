@@ -866,8 +866,7 @@ class AvroEvent(Protocol):
 
 def _now_ms() -> datetime:
     """The current UTC time truncated to milliseconds, the precision of timestamp-millis."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    return wire.now_ms()
 
 
 def _as_uuid(value: Any) -> uuid.UUID:

@@ -1,7 +1,8 @@
 """The bus consumer: at-least-once, dispatch by event type, bounded retries, dead letters, traces.
 
 - Auto-commit is off. Offsets are committed only after the handler's work is done (and, for a poison
-  record, after its dead letter is acknowledged by the broker); a rebalance commits on revoke.
+  record, after its dead letter is acknowledged by the broker); a rebalance commits on revoke. Commits
+  run beside the handling, one at a time, at most every ``commit_interval`` (0.1 s by default).
 - Handlers are looked up by the record's Avro full name in a table the service declares; the consumer
   refuses to start if a handled type is not declared on one of its topics in the topics file.
 - Failures are classified: ``Retryable`` (and connection/timeouts) back off within a bound and then go
@@ -38,7 +39,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from services.bus import metrics
+from services.bus import metrics, wire
 from services.bus.contracts import DLQ_SUFFIX, ContractError, Contracts, Topic
 from services.bus.events import AvroEvent
 from services.bus.producer import ATTR_BATCH_COUNT, Producer
@@ -155,6 +156,10 @@ class ConsumerConfig:
     session_timeout_ms: int = 10_000
     batch_size: int = 500
     poll_timeout: float = 0.5
+    # The least time between the starts of two commits (s): the handled records' offsets wait at most
+    # this long (plus a commit in flight) for theirs. A commit is a synchronous round trip to the
+    # broker during which librdkafka serves fetched records slowly; 0 commits after every batch.
+    commit_interval: float = 0.1
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -183,12 +188,18 @@ class ConsumerDied(RuntimeError):
 
 @dataclass(eq=False, slots=True)
 class _Held:
-    """A decoded record waiting, with others of its run, for one call of a batch handler."""
+    """Decoded records waiting, as a run, for one call of a batch handler: the ``(event, record)``
+    pairs the handler gets and, beside them, their messages (for the dead letters)."""
 
-    msg: Message
-    headers: KafkaHeaders
-    event: AvroEvent
-    record: Record
+    pairs: list[tuple[Any, Record]] = field(default_factory=list)
+    msgs: list[Message] = field(default_factory=list)
+
+
+# Record(...) without the frozen dataclass's per-field object.__setattr__ calls (natively, when the
+# extension is there): the same object, built once per consumed record.
+_make_record = wire.builder(Record)
+# _process_batch's grouping loop in one native call (reelbus_native.extend_group), or None.
+_EXTEND_GROUP: Any = getattr(wire.NATIVE, "extend_group", None)
 
 
 class BusConsumer:
@@ -292,22 +303,37 @@ class BusConsumer:
                 on_revoke=self._on_revoke,
                 on_lost=self._on_revoke,
             )
-            # A batch's offsets are committed (synchronously, on a worker thread) while the next batch
-            # is fetched and handled; at most one such commit is in flight, and it must have succeeded
-            # before the next one starts. Only offsets of handled records are ever committed.
+            # A batch's offsets are committed (synchronously, on a worker thread) while the next batches
+            # are fetched and handled; at most one such commit is in flight, and it must have succeeded
+            # before the next one starts. The offsets of the batches handled meanwhile wait for it (the
+            # loop does not stall on the broker's round trip) and go in the next commit, which starts
+            # once it has succeeded and ``commit_interval`` has passed since it started: after the next
+            # batch, or after a fetch that waits no longer than that (or than ``commit_interval``, at
+            # least 10 ms, while one is in flight) when no record comes. Only offsets of handled records
+            # are ever committed.
             commit: asyncio.Future[None] | None = None
             committing: list[tuple[tuple[str, int], int]] = []
+            interval = self.config.commit_interval
+            next_commit = 0.0  # time.monotonic() from which a commit may start
             try:
                 while not self._stopping.is_set():
-                    batch = await asyncio.to_thread(self._fetch, consumer)
+                    wait = None  # the fetch's own poll_timeout
+                    if self._pending:
+                        if commit is None:
+                            wait = max(0.0, next_commit - time.monotonic())
+                        else:
+                            wait = max(interval, 0.01)
+                    batch = await asyncio.to_thread(self._fetch, consumer, wait)
                     if self._assigned and not self.assigned_event.is_set():
                         self.assigned_event.set()
                     await self._process_batch(batch)
-                    if self._pending and commit is not None:
-                        await commit
+                    if commit is not None and commit.done():
+                        await commit  # raises what the commit raised
                         commit = None
                         self._forget(committing)
-                    if self._pending:
+                    now = time.monotonic()
+                    if self._pending and commit is None and now >= next_commit:
+                        next_commit = now + interval
                         committing = list(self._pending.items())
                         commit = asyncio.ensure_future(
                             asyncio.to_thread(self._commit_offsets, consumer, committing)
@@ -321,12 +347,13 @@ class BusConsumer:
         finally:
             await asyncio.to_thread(self._close, consumer)
 
-    def _fetch(self, consumer: Consumer) -> list[Message]:
-        """The next records: wait up to ``poll_timeout`` for one, then take what else is already
-        fetched, up to ``batch_size``. (One ``consume(batch_size, timeout)`` would sit out the whole
-        timeout whenever fewer than ``batch_size`` records come: at a low rate every record would
-        wait up to ``poll_timeout`` before its handler runs.) Blocking: on a worker thread."""
-        first: list[Message] = consumer.consume(1, self.config.poll_timeout)
+    def _fetch(self, consumer: Consumer, wait: float | None = None) -> list[Message]:
+        """The next records: wait up to ``poll_timeout`` (or ``wait``, if shorter) for one, then take
+        what else is already fetched, up to ``batch_size``. (One ``consume(batch_size, timeout)`` would
+        sit out the whole timeout whenever fewer than ``batch_size`` records come: at a low rate every
+        record would wait up to ``poll_timeout`` before its handler runs.) Blocking: on a worker thread."""
+        timeout = self.config.poll_timeout if wait is None else min(wait, self.config.poll_timeout)
+        first: list[Message] = consumer.consume(1, timeout)
         if not first or self.config.batch_size <= 1:
             return first
         rest: list[Message] = consumer.consume(self.config.batch_size - 1, 0)
@@ -363,6 +390,9 @@ class BusConsumer:
             group = [(msg, headers)]
             key = trace_key(headers, fields)
             topic, partition = msg.topic(), msg.partition()
+            if _EXTEND_GROUP is not None and type(batch) is list:
+                # The loop below, natively; it stops where it is unsure and the loop goes on from there.
+                i = _EXTEND_GROUP(batch, i, key, partition, topic, fields, group)
             while i < n:
                 nxt = batch[i]
                 if nxt.error() is not None or nxt.partition() != partition or nxt.topic() != topic:
@@ -397,17 +427,67 @@ class BusConsumer:
             kind=SpanKind.CONSUMER,
             attributes=attributes,
         ) as span:
-            held: list[_Held] = []
+            held = _Held()
             held_by: Batched | None = None
             kinds: set[str] = set()
+            stopping = self._stopping
+            serde = self.serde
+            decode, decode_key = serde.decode_event_nowait, serde.decode_key_nowait
+            handlers = self.handlers
+            n = len(group)
+            i = 0
             try:
-                for msg, msg_headers in group:
-                    if self._stopping.is_set():
+                while i < n:
+                    if stopping.is_set():
                         break  # what was not handled is not committed: it is fetched again later
+                    # The common case in one native call: a run of records of one event type that
+                    # decode through the serde's fast paths, handled as the loop below would handle
+                    # them one by one; the record that ends the run goes the way below.
+                    pairs, msgs, end = serde.decode_run(group, i, topic, _make_record, topic_name, partition)
+                    if pairs:
+                        i = end
+                        first_event = pairs[0][0]
+                        name = first_event.SCHEMA_NAME
+                        kinds.add(name)
+                        if single:
+                            span.set_attribute(ATTR_EVENT_TYPE, name)
+                            span.set_attribute(ATTR_EVENT_ID, str(first_event.event_id))
+                        handler = handlers.get(name)
+                        if isinstance(handler, Batched):
+                            if held.pairs and held_by is not handler:
+                                await self._flush(held_by, held, span, outcomes)
+                            held_by = handler
+                            held.pairs += pairs
+                            held.msgs += msgs
+                            continue
+                        for (event, record), msg in zip(pairs, msgs, strict=True):
+                            if stopping.is_set():
+                                break
+                            await self._flush(held_by, held, span, outcomes)
+                            if handler is None:
+                                outcomes["ignored"] = outcomes.get("ignored", 0) + 1
+                            else:
+                                await self._handle_one(handler, event, record, msg, span, outcomes)
+                            self._done(topic_name, partition, record.offset)
+                        continue
+                    msg, msg_headers = group[i]
+                    i += 1
                     offset = msg.offset() or 0
                     try:
-                        event = await self._decode(topic, msg)
-                        key = await self._decode_key(msg)
+                        # _decode and _decode_key inline (no coroutine per record): the registry is
+                        # awaited only for a schema id seen for the first time.
+                        value = _as_bytes(msg.value())
+                        try:
+                            event = decode(topic, value)
+                        except SchemaNotCached as exc:
+                            await serde.reader_for(exc.schema_id)
+                            event = decode(topic, value)
+                        key_data = _as_bytes(msg.key())
+                        try:
+                            key = decode_key(key_data)
+                        except SchemaNotCached as exc:
+                            await serde.reader_for(exc.schema_id)
+                            key = decode_key(key_data)
                     except PoisonMessage as exc:
                         await self._flush(held_by, held, span, outcomes)
                         await self._dead_letter(Incoming.of(msg), exc.stage, exc.reason, "PoisonMessage", 0)
@@ -426,13 +506,14 @@ class BusConsumer:
                     if single:
                         span.set_attribute(ATTR_EVENT_TYPE, name)
                         span.set_attribute(ATTR_EVENT_ID, str(event.event_id))
-                    handler = self.handlers.get(name)
-                    record = Record(topic_name, partition, offset, key, msg_headers, msg.timestamp()[1])
+                    handler = handlers.get(name)
+                    record = _make_record(topic_name, partition, offset, key, msg_headers, msg.timestamp()[1])
                     if isinstance(handler, Batched):
-                        if held and held_by is not handler:
+                        if held.pairs and held_by is not handler:
                             await self._flush(held_by, held, span, outcomes)
                         held_by = handler
-                        held.append(_Held(msg, msg_headers, event, record))
+                        held.pairs.append((event, record))
+                        held.msgs.append(msg)
                         continue
                     await self._flush(held_by, held, span, outcomes)
                     if handler is None:
@@ -566,24 +647,31 @@ class BusConsumer:
     # -- a run of records, one batch handler call -------------------------------------------------
 
     async def _flush(
-        self, handler: Batched | None, held: list[_Held], span: Span, outcomes: dict[str, int]
+        self, handler: Batched | None, held: _Held, span: Span, outcomes: dict[str, int]
     ) -> None:
         """Hand the held run to its batch handler; each record's offset counts as done after it."""
-        if not held:
+        pairs = held.pairs
+        if not pairs:
             return
-        items = list(held)
-        held.clear()
+        msgs = held.msgs
+        held.pairs, held.msgs = [], []
         assert handler is not None
-        await self._handle_run(handler, items, span, outcomes)
-        last = items[-1].record
+        await self._handle_run(handler, pairs, msgs, span, outcomes)
+        last = pairs[-1][1]
         self._done(last.topic, last.partition, last.offset)
 
     async def _handle_run(
-        self, handler: Batched, items: list[_Held], span: Span, outcomes: dict[str, int]
+        self,
+        handler: Batched,
+        pairs: list[tuple[Any, Record]],
+        msgs: list[Message],
+        span: Span,
+        outcomes: dict[str, int],
     ) -> None:
         policy = self.config.retry
-        seconds = self._seconds(items[0].event.SCHEMA_NAME)
-        batch = [(h.event, h.record) for h in items]
+        event_type = pairs[0][0].SCHEMA_NAME
+        seconds = self._seconds(event_type)
+        batch = list(pairs)
         failure: BaseException | None = None
         attempt = 0
         for attempt in range(1, policy.attempts + 1):
@@ -594,7 +682,7 @@ class BusConsumer:
                 failure = exc
                 if attempt == policy.attempts:
                     break
-                self._note_retry(items[0].record.topic, items[0].event.SCHEMA_NAME, attempt, exc)
+                self._note_retry(pairs[0][1].topic, event_type, attempt, exc)
                 await asyncio.sleep(policy.backoff(attempt))
                 continue
             except (ConsumerDied, asyncio.CancelledError):
@@ -604,15 +692,15 @@ class BusConsumer:
                 break
             finally:
                 seconds.observe(time.perf_counter() - started)
-            outcomes["ok"] = outcomes.get("ok", 0) + len(items)
+            outcomes["ok"] = outcomes.get("ok", 0) + len(pairs)
             return
         assert failure is not None
-        if len(items) > 1:
+        if len(pairs) > 1:
             # Find the culprit: one record at a time, each with its own retries.
-            for item in items:
-                await self._handle_run(handler, [item], span, outcomes)
+            for pair, msg in zip(pairs, msgs, strict=True):
+                await self._handle_run(handler, [pair], [msg], span, outcomes)
             return
-        msg = items[0].msg
+        msg = msgs[0]
         if isinstance(failure, RETRYABLE):
             reason = f"retries exhausted after {attempt} attempts: {failure!r}"
             await self._dead_letter(Incoming.of(msg), "handler", reason, type(failure).__name__, attempt)

@@ -56,8 +56,7 @@ class AvroEvent(Protocol):
 
 def _now_ms() -> datetime:
     """The current UTC time truncated to milliseconds, the precision of timestamp-millis."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    return wire.now_ms()
 
 
 def _as_uuid(value: Any) -> uuid.UUID:
@@ -130,6 +129,9 @@ class AnomalyKind(enum.StrEnum):
     REBUFFER = "REBUFFER"
     SCALING = "SCALING"
     TRAFFIC = "TRAFFIC"
+    ACCOUNT_SHARING = "ACCOUNT_SHARING"
+    IMPOSSIBLE_TRAVEL = "IMPOSSIBLE_TRAVEL"
+    PAYMENT_FRAUD = "PAYMENT_FRAUD"
 
 
 class Severity(enum.StrEnum):
@@ -205,6 +207,85 @@ class AnomalyDetected:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleState:
+    """One anomaly rule's state for one key (a row of an anomaly-detector table, in the table's changelog
+    topic).
+    """
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.anomalies.RuleState"
+
+    #: Id of the input event that last changed this state.
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
+    #: Event time of that input event (UTC).
+    event_time: datetime = field(default_factory=_now_ms)
+    #: The rule that owns the state, with its version, e.g. "accounts/1", "series/1:latency_p99_ms".
+    rule: str
+    #: The table key, e.g. "account:<id>", "service:playback/latency_p99_ms".
+    key: str
+    #: The rule's state as a JSON document whose layout belongs to the rule
+    #: (services/anomaly_detector/rules.py documents each); opaque to every other reader.
+    state_json: str
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "event_id": self.event_id,
+            "event_time": self.event_time,
+            "rule": self.rule,
+            "key": self.key,
+            "state_json": self.state_json,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            event_id=_as_uuid(record["event_id"]),
+            event_time=_as_datetime(record["event_time"]),
+            rule=record["rule"],
+            key=record["key"],
+            state_json=record["state_json"],
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionOwner:
+    """The anomaly detector's record of which account a playback session belongs to (a row of its table
+    `sessions`, in the table's changelog topic); a SessionStopped does not carry its account.
+    """
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.anomalies.SessionOwner"
+
+    #: Id of the SessionStarted this row comes from.
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
+    #: Event time of that SessionStarted (UTC).
+    event_time: datetime = field(default_factory=_now_ms)
+    #: The playback session; also the table key.
+    session_id: uuid.UUID
+    #: The account the session's profile belongs to.
+    account_id: uuid.UUID
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "event_id": self.event_id,
+            "event_time": self.event_time,
+            "session_id": self.session_id,
+            "account_id": self.account_id,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            event_id=_as_uuid(record["event_id"]),
+            event_time=_as_datetime(record["event_time"]),
+            session_id=_as_uuid(record["session_id"]),
+            account_id=_as_uuid(record["account_id"]),
+        )
+
+
 class DeclineReason(enum.StrEnum):
     """Why the payment provider declined a charge."""
 
@@ -250,6 +331,9 @@ class PaymentFailed:
     attempt: int
     #: When the next attempt is scheduled (UTC); null when no further retry will be made.
     next_retry_at: datetime | None = None
+    #: The payment provider's fingerprint of the card charged (the same for the same card number across
+    #: accounts); null if unknown.
+    card_fingerprint: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
@@ -267,6 +351,7 @@ class PaymentFailed:
             "decline_reason": self.decline_reason.value,
             "attempt": self.attempt,
             "next_retry_at": self.next_retry_at,
+            "card_fingerprint": self.card_fingerprint,
         }
 
     @classmethod
@@ -286,6 +371,7 @@ class PaymentFailed:
             decline_reason=DeclineReason(record["decline_reason"]),
             attempt=record["attempt"],
             next_retry_at=_optional(_as_datetime, record.get("next_retry_at")),
+            card_fingerprint=record.get("card_fingerprint"),
         )
 
 
@@ -782,6 +868,18 @@ class ViewRecorded:
         )
 
 
+class MountProbeMode(enum.StrEnum):
+    """How the probe mounted: per-layer (an id-mapped bind mount per image layer, containerd before PR
+    #12092), common-parent (one of the layers' common parent, PR #12092), or passive (no privilege: mount
+    table only).
+    """
+
+    UNKNOWN = "UNKNOWN"
+    PER_LAYER = "PER_LAYER"
+    COMMON_PARENT = "COMMON_PARENT"
+    PASSIVE = "PASSIVE"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MountStallSample:
     """One probe of mount-path health on a node (mount syscall latency and mount table cost)."""
@@ -810,6 +908,39 @@ class MountStallSample:
     concurrent_mounts: int
     #: Kernel release of the node (uname -r); null if unavailable.
     kernel_version: str | None = None
+    #: The probe's mount sequence; PASSIVE when it could not mount.
+    probe_mode: MountProbeMode = MountProbeMode.UNKNOWN
+    #: Whether the probe could make a private mount namespace (CAP_SYS_ADMIN); null if unknown.
+    privileged: bool | None = None
+    #: True: the bind mounts were id-mapped (mount_setattr MOUNT_ATTR_IDMAP); false: the kernel or filesystem
+    #: refused and plain bind mounts stood in, same operation count; null: nothing was mounted.
+    idmapped: bool | None = None
+    #: Why the probe fell back (id maps refused, no privilege) or did not finish; null when it ran as
+    #: configured.
+    probe_note: str | None = None
+    #: Image layers of the containers the probe started (0: none started).
+    layers: int = 0
+    #: Mount operations per container start in the Netflix blog's count: 2*(1+2L) per-layer, 6 common-parent.
+    mount_ops_per_start: int = 0
+    #: Median time to mount one container's root file system, in ms, during concurrent_mounts concurrent
+    #: starts.
+    container_start_p50_ms: float | None = None
+    #: 99th percentile of the same, in ms.
+    container_start_p99_ms: float | None = None
+    #: 99th percentile latency of a trivial health probe (spawn and reap /bin/true) while the starts ran, in
+    #: ms.
+    health_probe_p99_ms: float | None = None
+    #: container_start_p50_ms measured when the probe started (the stall rule's reference).
+    baseline_container_start_p50_ms: float | None = None
+    #: health_probe_p99_ms measured when the probe started.
+    baseline_health_probe_p99_ms: float | None = None
+    #: mount_table_read_ms measured when the probe started.
+    baseline_mount_table_read_ms: float | None = None
+    #: The largest ratio of a figure now to its baseline; stalled is true when it reached the probe's stall
+    #: factor in its required number of consecutive rounds (or a round ran past its timeout).
+    stall_ratio: float | None = None
+    #: Which figure gave stall_ratio: container_start_p50, health_probe_p99 or mount_table_read.
+    stall_figure: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
@@ -825,6 +956,20 @@ class MountStallSample:
             "stalled": self.stalled,
             "concurrent_mounts": self.concurrent_mounts,
             "kernel_version": self.kernel_version,
+            "probe_mode": self.probe_mode.value,
+            "privileged": self.privileged,
+            "idmapped": self.idmapped,
+            "probe_note": self.probe_note,
+            "layers": self.layers,
+            "mount_ops_per_start": self.mount_ops_per_start,
+            "container_start_p50_ms": self.container_start_p50_ms,
+            "container_start_p99_ms": self.container_start_p99_ms,
+            "health_probe_p99_ms": self.health_probe_p99_ms,
+            "baseline_container_start_p50_ms": self.baseline_container_start_p50_ms,
+            "baseline_health_probe_p99_ms": self.baseline_health_probe_p99_ms,
+            "baseline_mount_table_read_ms": self.baseline_mount_table_read_ms,
+            "stall_ratio": self.stall_ratio,
+            "stall_figure": self.stall_figure,
         }
 
     @classmethod
@@ -842,6 +987,20 @@ class MountStallSample:
             stalled=record["stalled"],
             concurrent_mounts=record["concurrent_mounts"],
             kernel_version=record.get("kernel_version"),
+            probe_mode=MountProbeMode(record.get("probe_mode", "UNKNOWN")),
+            privileged=record.get("privileged"),
+            idmapped=record.get("idmapped"),
+            probe_note=record.get("probe_note"),
+            layers=record.get("layers", 0),
+            mount_ops_per_start=record.get("mount_ops_per_start", 0),
+            container_start_p50_ms=record.get("container_start_p50_ms"),
+            container_start_p99_ms=record.get("container_start_p99_ms"),
+            health_probe_p99_ms=record.get("health_probe_p99_ms"),
+            baseline_container_start_p50_ms=record.get("baseline_container_start_p50_ms"),
+            baseline_health_probe_p99_ms=record.get("baseline_health_probe_p99_ms"),
+            baseline_mount_table_read_ms=record.get("baseline_mount_table_read_ms"),
+            stall_ratio=record.get("stall_ratio"),
+            stall_figure=record.get("stall_figure"),
         )
 
 
@@ -1144,6 +1303,9 @@ class SessionStarted:
     country: str | None = None
     #: Version string of the client application; null if not reported.
     client_version: str | None = None
+    #: The title's bitrate ladder offered to the player, in kbit/s ascending; null from senders that did not
+    #: say.
+    ladder_kbps: list[int] | None = None
 
     def to_record(self) -> dict[str, Any]:
         """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
@@ -1163,6 +1325,7 @@ class SessionStarted:
             "title_duration_ms": self.title_duration_ms,
             "country": self.country,
             "client_version": self.client_version,
+            "ladder_kbps": self.ladder_kbps,
         }
 
     @classmethod
@@ -1184,6 +1347,7 @@ class SessionStarted:
             title_duration_ms=record["title_duration_ms"],
             country=record.get("country"),
             client_version=record.get("client_version"),
+            ladder_kbps=record.get("ladder_kbps"),
         )
 
 
@@ -1252,6 +1416,156 @@ class SessionStopped:
             reason=StopReason(record["reason"]),
             watched_ms=record["watched_ms"],
             error_code=record.get("error_code"),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PriorView:
+    """A title the profile had watched before, with when."""
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.recommendations.PriorView"
+
+    #: Catalog id of the earlier title.
+    title_id: str
+    #: Event time of the profile's viewing of that title (UTC).
+    watched_at: datetime
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "title_id": self.title_id,
+            "watched_at": self.watched_at,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            title_id=record["title_id"],
+            watched_at=_as_datetime(record["watched_at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoWatched:
+    """A profile watched a title for the first time; the titles it had watched recently are paired with it.
+    The recommender's own log of co-watch pairs, from which every worker folds the same item-to-item model.
+    """
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.recommendations.CoWatched"
+
+    #: Unique id of this event, derived from the viewing's event id; consumers deduplicate on it.
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
+    #: When the viewing happened (UTC): the event time of the ViewRecorded it comes from.
+    event_time: datetime = field(default_factory=_now_ms)
+    #: Profile that watched; also the Kafka key.
+    profile_id: uuid.UUID
+    #: Catalog id of the title watched for the first time by the profile.
+    title_id: str
+    #: The profile's most recent distinct titles before this one, newest first; each forms a co-watch pair
+    #: with title_id.
+    others: list[PriorView]
+    #: Region (ISO 3166-1 alpha-2 country) the viewing was made in, when the input event says; null otherwise
+    #: (trending is then global).
+    region: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "event_id": self.event_id,
+            "event_time": self.event_time,
+            "profile_id": self.profile_id,
+            "title_id": self.title_id,
+            "others": [v.to_record() for v in self.others],
+            "region": self.region,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            event_id=_as_uuid(record["event_id"]),
+            event_time=_as_datetime(record["event_time"]),
+            profile_id=_as_uuid(record["profile_id"]),
+            title_id=record["title_id"],
+            others=[PriorView.from_record(v) for v in record["others"]],
+            region=record.get("region"),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TitleView:
+    """The profile's viewing of one title."""
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.recommendations.TitleView"
+
+    #: Catalog id of the title.
+    title_id: str
+    #: Event time of the first viewing counted (UTC).
+    first_at: datetime
+    #: Event time of the latest viewing (UTC).
+    last_at: datetime
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "title_id": self.title_id,
+            "first_at": self.first_at,
+            "last_at": self.last_at,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            title_id=record["title_id"],
+            first_at=_as_datetime(record["first_at"]),
+            last_at=_as_datetime(record["last_at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProfileHistory:
+    """The recommender's state of one profile (a table row, in its changelog topic): the titles it watched
+    recently, the ones it finished, and the viewings already counted.
+    """
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.recommendations.ProfileHistory"
+
+    #: Id of the viewing event that last changed this state.
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
+    #: Latest event time among the profile's viewings (UTC).
+    event_time: datetime = field(default_factory=_now_ms)
+    #: The profile; also the table key.
+    profile_id: uuid.UUID
+    #: Distinct titles watched, most recent first, at most the recommender's history length.
+    views: list[TitleView]
+    #: Titles the profile watched to the end (never recommended to it), oldest first, bounded.
+    finished: list[str]
+    #: Event ids of the latest viewings counted, so a redelivered viewing changes nothing.
+    seen_events: list[str]
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "event_id": self.event_id,
+            "event_time": self.event_time,
+            "profile_id": self.profile_id,
+            "views": [v.to_record() for v in self.views],
+            "finished": self.finished,
+            "seen_events": self.seen_events,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            event_id=_as_uuid(record["event_id"]),
+            event_time=_as_datetime(record["event_time"]),
+            profile_id=_as_uuid(record["profile_id"]),
+            views=[TitleView.from_record(v) for v in record["views"]],
+            finished=record["finished"],
+            seen_events=record["seen_events"],
         )
 
 
@@ -1355,6 +1669,19 @@ class LoadSample:
     consumer_lag: int
     #: Length of the sampling window, in ms.
     window_ms: int
+    #: Share of the requests (or messages) handled in the window that failed, 0.0 to 1.0; null if the service
+    #: does not count failures.
+    error_rate: float | None = None
+    #: 99th percentile of the time to handle one request (or message) over the window, in ms; null if not
+    #: measured.
+    latency_p99_ms: float | None = None
+    #: Kafka consumer group of the instance; null for a service that consumes nothing.
+    consumer_group: str | None = None
+    #: Consumer-group lag per assigned input partition, keyed "<topic>/<partition>", in messages; empty for
+    #: non-consumers.
+    partition_lag: dict[str, int] = field(default_factory=dict)
+    #: CPUs available to the instance (its CPU affinity), the denominator of cpu_utilization; 0.0 if unknown.
+    cpu_cores: float = 0.0
 
     def to_record(self) -> dict[str, Any]:
         """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
@@ -1368,6 +1695,11 @@ class LoadSample:
             "request_rate": self.request_rate,
             "consumer_lag": self.consumer_lag,
             "window_ms": self.window_ms,
+            "error_rate": self.error_rate,
+            "latency_p99_ms": self.latency_p99_ms,
+            "consumer_group": self.consumer_group,
+            "partition_lag": self.partition_lag,
+            "cpu_cores": self.cpu_cores,
         }
 
     @classmethod
@@ -1383,6 +1715,78 @@ class LoadSample:
             request_rate=record["request_rate"],
             consumer_lag=record["consumer_lag"],
             window_ms=record["window_ms"],
+            error_rate=record.get("error_rate"),
+            latency_p99_ms=record.get("latency_p99_ms"),
+            consumer_group=record.get("consumer_group"),
+            partition_lag=record.get("partition_lag", {}),
+            cpu_cores=record.get("cpu_cores", 0.0),
+        )
+
+
+class NodeMountState(enum.StrEnum):
+    """Health of a node's mount path as the autoscaler judges it."""
+
+    UNKNOWN = "UNKNOWN"
+    HEALTHY = "HEALTHY"
+    DEGRADED = "DEGRADED"
+    STALLED = "STALLED"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeStartThrottle:
+    """The autoscaler's limit on concurrent container starts on one node, from its mount-stall samples, with
+    the order in which nodes should take new starts.
+    """
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.scaling.NodeStartThrottle"
+
+    #: Unique id of this event, derived from the sample that led to it; consumers deduplicate on it.
+    event_id: uuid.UUID = field(default_factory=wire.uuid4)
+    #: When the decision was taken (the event time of the sample that led to it, UTC).
+    event_time: datetime = field(default_factory=_now_ms)
+    #: Host name of the node the throttle applies to; also the Kafka key.
+    node: str
+    #: The node's mount-path state behind the limit.
+    state: NodeMountState
+    #: Container starts the node may run at the same time from now on (at least 1).
+    max_concurrent_starts: int
+    #: The limit before this decision.
+    previous_max_concurrent_starts: int
+    #: Every node the autoscaler knows, in the order new container starts should prefer them: healthy nodes
+    #: first, stalled ones last.
+    preferred_nodes: list[str] = field(default_factory=list)
+    #: Human-readable explanation, e.g. "stalled sample: mount op 2300 ms > 500 ms; limit 8 -> 4".
+    reason: str
+    #: Sample values the decision was based on, by name, e.g. mount_op_latency_ms, probe_latency_ms, stalled.
+    signals: dict[str, float] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "event_id": self.event_id,
+            "event_time": self.event_time,
+            "node": self.node,
+            "state": self.state.value,
+            "max_concurrent_starts": self.max_concurrent_starts,
+            "previous_max_concurrent_starts": self.previous_max_concurrent_starts,
+            "preferred_nodes": self.preferred_nodes,
+            "reason": self.reason,
+            "signals": self.signals,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            event_id=_as_uuid(record["event_id"]),
+            event_time=_as_datetime(record["event_time"]),
+            node=record["node"],
+            state=NodeMountState(record["state"]),
+            max_concurrent_starts=record["max_concurrent_starts"],
+            previous_max_concurrent_starts=record["previous_max_concurrent_starts"],
+            preferred_nodes=record.get("preferred_nodes", []),
+            reason=record["reason"],
+            signals=record.get("signals", {}),
         )
 
 
@@ -1478,6 +1882,27 @@ class BitrateSample:
     dropped_frames: int | None = None
     #: Open Connect appliance serving the session; null if unknown.
     appliance_id: str | None = None
+    #: Per-session counter of the sender (the player's sample counter, or the heartbeat's sequence); the ABR
+    #: service applies a session's samples in increasing sequence per source and ignores duplicates and late
+    #: ones. Null for senders that do not count.
+    sequence: int | None = None
+    #: Where the sample comes from: "player" (per-chunk telemetry posted through the gateway) or "heartbeat"
+    #: (derived from a playback heartbeat). Null if unknown.
+    source: str | None = None
+    #: Index (from 0) of the media chunk whose download ended this interval; null when the interval is not a
+    #: chunk download (heartbeats).
+    chunk_index: int | None = None
+    #: That chunk's download time including the request's round trip, in seconds; null if not a chunk
+    #: download.
+    download_s: float | None = None
+    #: The interval's throughput unrounded (throughput_kbps is its rounding), in kbit/s: for a chunk download,
+    #: the chunk's size over its download time; null if the sender only reports throughput_kbps.
+    throughput_exact_kbps: float | None = None
+    #: Buffer level at the end of the interval, in seconds, unrounded (buffer_ms is its rounding); null if the
+    #: sender only reports buffer_ms.
+    buffer_s: float | None = None
+    #: Playhead position at the end of the interval, in ms from the title start; null if not reported.
+    position_ms: int | None = None
 
     def to_record(self) -> dict[str, Any]:
         """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
@@ -1495,6 +1920,13 @@ class BitrateSample:
             "rebuffer_ms": self.rebuffer_ms,
             "dropped_frames": self.dropped_frames,
             "appliance_id": self.appliance_id,
+            "sequence": self.sequence,
+            "source": self.source,
+            "chunk_index": self.chunk_index,
+            "download_s": self.download_s,
+            "throughput_exact_kbps": self.throughput_exact_kbps,
+            "buffer_s": self.buffer_s,
+            "position_ms": self.position_ms,
         }
 
     @classmethod
@@ -1514,6 +1946,13 @@ class BitrateSample:
             rebuffer_ms=record["rebuffer_ms"],
             dropped_frames=record.get("dropped_frames"),
             appliance_id=record.get("appliance_id"),
+            sequence=record.get("sequence"),
+            source=record.get("source"),
+            chunk_index=record.get("chunk_index"),
+            download_s=record.get("download_s"),
+            throughput_exact_kbps=record.get("throughput_exact_kbps"),
+            buffer_s=record.get("buffer_s"),
+            position_ms=record.get("position_ms"),
         )
 
 
@@ -1598,12 +2037,59 @@ def _read_anomaly_detected(data: bytes, pos: int) -> tuple[AnomalyDetected, int]
     return made, pos
 
 
+def _write_rule_state(out: bytearray, v: RuleState) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_str(out, v.rule)
+    _w_str(out, v.key)
+    _w_str(out, v.state_json)
+
+
+def _read_rule_state(data: bytes, pos: int) -> tuple[RuleState, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_rule, pos = _r_str(data, pos)
+    f_key, pos = _r_str(data, pos)
+    f_state_json, pos = _r_str(data, pos)
+    made = RuleState(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        rule=f_rule,
+        key=f_key,
+        state_json=f_state_json,
+    )
+    return made, pos
+
+
+def _write_session_owner(out: bytearray, v: SessionOwner) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.session_id)
+    _w_uuid(out, v.account_id)
+
+
+def _read_session_owner(data: bytes, pos: int) -> tuple[SessionOwner, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_session_id, pos = _r_uuid(data, pos)
+    f_account_id, pos = _r_uuid(data, pos)
+    made = SessionOwner(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        session_id=f_session_id,
+        account_id=f_account_id,
+    )
+    return made, pos
+
+
 _W_DeclineReason = wire.w_enum(DeclineReason)
 _R_DeclineReason = wire.r_enum(tuple(DeclineReason))
 
 
 _W_PaymentFailed_next_retry_at = wire.w_optional(0, _w_timestamp_millis)
 _R_PaymentFailed_next_retry_at = wire.r_optional(0, _r_timestamp_millis)
+_W_PaymentFailed_card_fingerprint = wire.w_optional(0, _w_str)
+_R_PaymentFailed_card_fingerprint = wire.r_optional(0, _r_str)
 
 
 def _write_payment_failed(out: bytearray, v: PaymentFailed) -> None:
@@ -1620,6 +2106,7 @@ def _write_payment_failed(out: bytearray, v: PaymentFailed) -> None:
     _W_DeclineReason(out, v.decline_reason)
     _w_long(out, v.attempt)
     _W_PaymentFailed_next_retry_at(out, v.next_retry_at)
+    _W_PaymentFailed_card_fingerprint(out, v.card_fingerprint)
 
 
 def _read_payment_failed(data: bytes, pos: int) -> tuple[PaymentFailed, int]:
@@ -1636,6 +2123,7 @@ def _read_payment_failed(data: bytes, pos: int) -> tuple[PaymentFailed, int]:
     f_decline_reason, pos = _R_DeclineReason(data, pos)
     f_attempt, pos = _r_long(data, pos)
     f_next_retry_at, pos = _R_PaymentFailed_next_retry_at(data, pos)
+    f_card_fingerprint, pos = _R_PaymentFailed_card_fingerprint(data, pos)
     made = PaymentFailed(
         event_id=f_event_id,
         event_time=f_event_time,
@@ -1650,6 +2138,7 @@ def _read_payment_failed(data: bytes, pos: int) -> tuple[PaymentFailed, int]:
         decline_reason=f_decline_reason,
         attempt=f_attempt,
         next_retry_at=f_next_retry_at,
+        card_fingerprint=f_card_fingerprint,
     )
     return made, pos
 
@@ -1984,8 +2473,34 @@ def _read_view_recorded(data: bytes, pos: int) -> tuple[ViewRecorded, int]:
     return made, pos
 
 
+_W_MountProbeMode = wire.w_enum(MountProbeMode)
+_R_MountProbeMode = wire.r_enum(tuple(MountProbeMode))
+
+
 _W_MountStallSample_kernel_version = wire.w_optional(0, _w_str)
 _R_MountStallSample_kernel_version = wire.r_optional(0, _r_str)
+_W_MountStallSample_privileged = wire.w_optional(0, _w_bool)
+_R_MountStallSample_privileged = wire.r_optional(0, _r_bool)
+_W_MountStallSample_idmapped = wire.w_optional(0, _w_bool)
+_R_MountStallSample_idmapped = wire.r_optional(0, _r_bool)
+_W_MountStallSample_probe_note = wire.w_optional(0, _w_str)
+_R_MountStallSample_probe_note = wire.r_optional(0, _r_str)
+_W_MountStallSample_container_start_p50_ms = wire.w_optional(0, _w_double)
+_R_MountStallSample_container_start_p50_ms = wire.r_optional(0, _r_double)
+_W_MountStallSample_container_start_p99_ms = wire.w_optional(0, _w_double)
+_R_MountStallSample_container_start_p99_ms = wire.r_optional(0, _r_double)
+_W_MountStallSample_health_probe_p99_ms = wire.w_optional(0, _w_double)
+_R_MountStallSample_health_probe_p99_ms = wire.r_optional(0, _r_double)
+_W_MountStallSample_baseline_container_start_p50_ms = wire.w_optional(0, _w_double)
+_R_MountStallSample_baseline_container_start_p50_ms = wire.r_optional(0, _r_double)
+_W_MountStallSample_baseline_health_probe_p99_ms = wire.w_optional(0, _w_double)
+_R_MountStallSample_baseline_health_probe_p99_ms = wire.r_optional(0, _r_double)
+_W_MountStallSample_baseline_mount_table_read_ms = wire.w_optional(0, _w_double)
+_R_MountStallSample_baseline_mount_table_read_ms = wire.r_optional(0, _r_double)
+_W_MountStallSample_stall_ratio = wire.w_optional(0, _w_double)
+_R_MountStallSample_stall_ratio = wire.r_optional(0, _r_double)
+_W_MountStallSample_stall_figure = wire.w_optional(0, _w_str)
+_R_MountStallSample_stall_figure = wire.r_optional(0, _r_str)
 
 
 def _write_mount_stall_sample(out: bytearray, v: MountStallSample) -> None:
@@ -2000,6 +2515,20 @@ def _write_mount_stall_sample(out: bytearray, v: MountStallSample) -> None:
     _w_bool(out, v.stalled)
     _w_long(out, v.concurrent_mounts)
     _W_MountStallSample_kernel_version(out, v.kernel_version)
+    _W_MountProbeMode(out, v.probe_mode)
+    _W_MountStallSample_privileged(out, v.privileged)
+    _W_MountStallSample_idmapped(out, v.idmapped)
+    _W_MountStallSample_probe_note(out, v.probe_note)
+    _w_long(out, v.layers)
+    _w_long(out, v.mount_ops_per_start)
+    _W_MountStallSample_container_start_p50_ms(out, v.container_start_p50_ms)
+    _W_MountStallSample_container_start_p99_ms(out, v.container_start_p99_ms)
+    _W_MountStallSample_health_probe_p99_ms(out, v.health_probe_p99_ms)
+    _W_MountStallSample_baseline_container_start_p50_ms(out, v.baseline_container_start_p50_ms)
+    _W_MountStallSample_baseline_health_probe_p99_ms(out, v.baseline_health_probe_p99_ms)
+    _W_MountStallSample_baseline_mount_table_read_ms(out, v.baseline_mount_table_read_ms)
+    _W_MountStallSample_stall_ratio(out, v.stall_ratio)
+    _W_MountStallSample_stall_figure(out, v.stall_figure)
 
 
 def _read_mount_stall_sample(data: bytes, pos: int) -> tuple[MountStallSample, int]:
@@ -2014,6 +2543,20 @@ def _read_mount_stall_sample(data: bytes, pos: int) -> tuple[MountStallSample, i
     f_stalled, pos = _r_bool(data, pos)
     f_concurrent_mounts, pos = _r_long(data, pos)
     f_kernel_version, pos = _R_MountStallSample_kernel_version(data, pos)
+    f_probe_mode, pos = _R_MountProbeMode(data, pos)
+    f_privileged, pos = _R_MountStallSample_privileged(data, pos)
+    f_idmapped, pos = _R_MountStallSample_idmapped(data, pos)
+    f_probe_note, pos = _R_MountStallSample_probe_note(data, pos)
+    f_layers, pos = _r_long(data, pos)
+    f_mount_ops_per_start, pos = _r_long(data, pos)
+    f_container_start_p50_ms, pos = _R_MountStallSample_container_start_p50_ms(data, pos)
+    f_container_start_p99_ms, pos = _R_MountStallSample_container_start_p99_ms(data, pos)
+    f_health_probe_p99_ms, pos = _R_MountStallSample_health_probe_p99_ms(data, pos)
+    f_baseline_container_start_p50_ms, pos = _R_MountStallSample_baseline_container_start_p50_ms(data, pos)
+    f_baseline_health_probe_p99_ms, pos = _R_MountStallSample_baseline_health_probe_p99_ms(data, pos)
+    f_baseline_mount_table_read_ms, pos = _R_MountStallSample_baseline_mount_table_read_ms(data, pos)
+    f_stall_ratio, pos = _R_MountStallSample_stall_ratio(data, pos)
+    f_stall_figure, pos = _R_MountStallSample_stall_figure(data, pos)
     made = MountStallSample(
         event_id=f_event_id,
         event_time=f_event_time,
@@ -2026,6 +2569,20 @@ def _read_mount_stall_sample(data: bytes, pos: int) -> tuple[MountStallSample, i
         stalled=f_stalled,
         concurrent_mounts=f_concurrent_mounts,
         kernel_version=f_kernel_version,
+        probe_mode=f_probe_mode,
+        privileged=f_privileged,
+        idmapped=f_idmapped,
+        probe_note=f_probe_note,
+        layers=f_layers,
+        mount_ops_per_start=f_mount_ops_per_start,
+        container_start_p50_ms=f_container_start_p50_ms,
+        container_start_p99_ms=f_container_start_p99_ms,
+        health_probe_p99_ms=f_health_probe_p99_ms,
+        baseline_container_start_p50_ms=f_baseline_container_start_p50_ms,
+        baseline_health_probe_p99_ms=f_baseline_health_probe_p99_ms,
+        baseline_mount_table_read_ms=f_baseline_mount_table_read_ms,
+        stall_ratio=f_stall_ratio,
+        stall_figure=f_stall_figure,
     )
     return made, pos
 
@@ -2207,6 +2764,8 @@ _W_SessionStarted_country = wire.w_optional(0, _w_str)
 _R_SessionStarted_country = wire.r_optional(0, _r_str)
 _W_SessionStarted_client_version = wire.w_optional(0, _w_str)
 _R_SessionStarted_client_version = wire.r_optional(0, _r_str)
+_W_SessionStarted_ladder_kbps = wire.w_optional(0, wire.w_array(_w_long))
+_R_SessionStarted_ladder_kbps = wire.r_optional(0, wire.r_array(_r_long))
 
 
 def _write_session_started(out: bytearray, v: SessionStarted) -> None:
@@ -2225,6 +2784,7 @@ def _write_session_started(out: bytearray, v: SessionStarted) -> None:
     _w_long(out, v.title_duration_ms)
     _W_SessionStarted_country(out, v.country)
     _W_SessionStarted_client_version(out, v.client_version)
+    _W_SessionStarted_ladder_kbps(out, v.ladder_kbps)
 
 
 def _read_session_started(data: bytes, pos: int) -> tuple[SessionStarted, int]:
@@ -2243,6 +2803,7 @@ def _read_session_started(data: bytes, pos: int) -> tuple[SessionStarted, int]:
     f_title_duration_ms, pos = _r_long(data, pos)
     f_country, pos = _R_SessionStarted_country(data, pos)
     f_client_version, pos = _R_SessionStarted_client_version(data, pos)
+    f_ladder_kbps, pos = _R_SessionStarted_ladder_kbps(data, pos)
     made = SessionStarted(
         event_id=f_event_id,
         event_time=f_event_time,
@@ -2259,6 +2820,7 @@ def _read_session_started(data: bytes, pos: int) -> tuple[SessionStarted, int]:
         title_duration_ms=f_title_duration_ms,
         country=f_country,
         client_version=f_client_version,
+        ladder_kbps=f_ladder_kbps,
     )
     return made, pos
 
@@ -2303,6 +2865,107 @@ def _read_session_stopped(data: bytes, pos: int) -> tuple[SessionStopped, int]:
         reason=f_reason,
         watched_ms=f_watched_ms,
         error_code=f_error_code,
+    )
+    return made, pos
+
+
+def _write_prior_view(out: bytearray, v: PriorView) -> None:
+    _w_str(out, v.title_id)
+    _w_timestamp_millis(out, v.watched_at)
+
+
+def _read_prior_view(data: bytes, pos: int) -> tuple[PriorView, int]:
+    f_title_id, pos = _r_str(data, pos)
+    f_watched_at, pos = _r_timestamp_millis(data, pos)
+    made = PriorView(
+        title_id=f_title_id,
+        watched_at=f_watched_at,
+    )
+    return made, pos
+
+
+_W_CoWatched_others = wire.w_array(_write_prior_view)
+_R_CoWatched_others = wire.r_array(_read_prior_view)
+_W_CoWatched_region = wire.w_optional(0, _w_str)
+_R_CoWatched_region = wire.r_optional(0, _r_str)
+
+
+def _write_co_watched(out: bytearray, v: CoWatched) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.profile_id)
+    _w_str(out, v.title_id)
+    _W_CoWatched_others(out, v.others)
+    _W_CoWatched_region(out, v.region)
+
+
+def _read_co_watched(data: bytes, pos: int) -> tuple[CoWatched, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_title_id, pos = _r_str(data, pos)
+    f_others, pos = _R_CoWatched_others(data, pos)
+    f_region, pos = _R_CoWatched_region(data, pos)
+    made = CoWatched(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        profile_id=f_profile_id,
+        title_id=f_title_id,
+        others=f_others,
+        region=f_region,
+    )
+    return made, pos
+
+
+def _write_title_view(out: bytearray, v: TitleView) -> None:
+    _w_str(out, v.title_id)
+    _w_timestamp_millis(out, v.first_at)
+    _w_timestamp_millis(out, v.last_at)
+
+
+def _read_title_view(data: bytes, pos: int) -> tuple[TitleView, int]:
+    f_title_id, pos = _r_str(data, pos)
+    f_first_at, pos = _r_timestamp_millis(data, pos)
+    f_last_at, pos = _r_timestamp_millis(data, pos)
+    made = TitleView(
+        title_id=f_title_id,
+        first_at=f_first_at,
+        last_at=f_last_at,
+    )
+    return made, pos
+
+
+_W_ProfileHistory_views = wire.w_array(_write_title_view)
+_R_ProfileHistory_views = wire.r_array(_read_title_view)
+_W_ProfileHistory_finished = wire.w_array(_w_str)
+_R_ProfileHistory_finished = wire.r_array(_r_str)
+_W_ProfileHistory_seen_events = wire.w_array(_w_str)
+_R_ProfileHistory_seen_events = wire.r_array(_r_str)
+
+
+def _write_profile_history(out: bytearray, v: ProfileHistory) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_uuid(out, v.profile_id)
+    _W_ProfileHistory_views(out, v.views)
+    _W_ProfileHistory_finished(out, v.finished)
+    _W_ProfileHistory_seen_events(out, v.seen_events)
+
+
+def _read_profile_history(data: bytes, pos: int) -> tuple[ProfileHistory, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_profile_id, pos = _r_uuid(data, pos)
+    f_views, pos = _R_ProfileHistory_views(data, pos)
+    f_finished, pos = _R_ProfileHistory_finished(data, pos)
+    f_seen_events, pos = _R_ProfileHistory_seen_events(data, pos)
+    made = ProfileHistory(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        profile_id=f_profile_id,
+        views=f_views,
+        finished=f_finished,
+        seen_events=f_seen_events,
     )
     return made, pos
 
@@ -2356,6 +3019,16 @@ def _read_profile_recommendations(data: bytes, pos: int) -> tuple[ProfileRecomme
     return made, pos
 
 
+_W_LoadSample_error_rate = wire.w_optional(0, _w_double)
+_R_LoadSample_error_rate = wire.r_optional(0, _r_double)
+_W_LoadSample_latency_p99_ms = wire.w_optional(0, _w_double)
+_R_LoadSample_latency_p99_ms = wire.r_optional(0, _r_double)
+_W_LoadSample_consumer_group = wire.w_optional(0, _w_str)
+_R_LoadSample_consumer_group = wire.r_optional(0, _r_str)
+_W_LoadSample_partition_lag = wire.w_map(_w_long)
+_R_LoadSample_partition_lag = wire.r_map(_r_long)
+
+
 def _write_load_sample(out: bytearray, v: LoadSample) -> None:
     _w_uuid(out, v.event_id)
     _w_timestamp_millis(out, v.event_time)
@@ -2366,6 +3039,11 @@ def _write_load_sample(out: bytearray, v: LoadSample) -> None:
     _w_double(out, v.request_rate)
     _w_long(out, v.consumer_lag)
     _w_long(out, v.window_ms)
+    _W_LoadSample_error_rate(out, v.error_rate)
+    _W_LoadSample_latency_p99_ms(out, v.latency_p99_ms)
+    _W_LoadSample_consumer_group(out, v.consumer_group)
+    _W_LoadSample_partition_lag(out, v.partition_lag)
+    _w_double(out, v.cpu_cores)
 
 
 def _read_load_sample(data: bytes, pos: int) -> tuple[LoadSample, int]:
@@ -2378,6 +3056,11 @@ def _read_load_sample(data: bytes, pos: int) -> tuple[LoadSample, int]:
     f_request_rate, pos = _r_double(data, pos)
     f_consumer_lag, pos = _r_long(data, pos)
     f_window_ms, pos = _r_long(data, pos)
+    f_error_rate, pos = _R_LoadSample_error_rate(data, pos)
+    f_latency_p99_ms, pos = _R_LoadSample_latency_p99_ms(data, pos)
+    f_consumer_group, pos = _R_LoadSample_consumer_group(data, pos)
+    f_partition_lag, pos = _R_LoadSample_partition_lag(data, pos)
+    f_cpu_cores, pos = _r_double(data, pos)
     made = LoadSample(
         event_id=f_event_id,
         event_time=f_event_time,
@@ -2388,6 +3071,57 @@ def _read_load_sample(data: bytes, pos: int) -> tuple[LoadSample, int]:
         request_rate=f_request_rate,
         consumer_lag=f_consumer_lag,
         window_ms=f_window_ms,
+        error_rate=f_error_rate,
+        latency_p99_ms=f_latency_p99_ms,
+        consumer_group=f_consumer_group,
+        partition_lag=f_partition_lag,
+        cpu_cores=f_cpu_cores,
+    )
+    return made, pos
+
+
+_W_NodeMountState = wire.w_enum(NodeMountState)
+_R_NodeMountState = wire.r_enum(tuple(NodeMountState))
+
+
+_W_NodeStartThrottle_preferred_nodes = wire.w_array(_w_str)
+_R_NodeStartThrottle_preferred_nodes = wire.r_array(_r_str)
+_W_NodeStartThrottle_signals = wire.w_map(_w_double)
+_R_NodeStartThrottle_signals = wire.r_map(_r_double)
+
+
+def _write_node_start_throttle(out: bytearray, v: NodeStartThrottle) -> None:
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_str(out, v.node)
+    _W_NodeMountState(out, v.state)
+    _w_long(out, v.max_concurrent_starts)
+    _w_long(out, v.previous_max_concurrent_starts)
+    _W_NodeStartThrottle_preferred_nodes(out, v.preferred_nodes)
+    _w_str(out, v.reason)
+    _W_NodeStartThrottle_signals(out, v.signals)
+
+
+def _read_node_start_throttle(data: bytes, pos: int) -> tuple[NodeStartThrottle, int]:
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_node, pos = _r_str(data, pos)
+    f_state, pos = _R_NodeMountState(data, pos)
+    f_max_concurrent_starts, pos = _r_long(data, pos)
+    f_previous_max_concurrent_starts, pos = _r_long(data, pos)
+    f_preferred_nodes, pos = _R_NodeStartThrottle_preferred_nodes(data, pos)
+    f_reason, pos = _r_str(data, pos)
+    f_signals, pos = _R_NodeStartThrottle_signals(data, pos)
+    made = NodeStartThrottle(
+        event_id=f_event_id,
+        event_time=f_event_time,
+        node=f_node,
+        state=f_state,
+        max_concurrent_starts=f_max_concurrent_starts,
+        previous_max_concurrent_starts=f_previous_max_concurrent_starts,
+        preferred_nodes=f_preferred_nodes,
+        reason=f_reason,
+        signals=f_signals,
     )
     return made, pos
 
@@ -2437,6 +3171,20 @@ _W_BitrateSample_dropped_frames = wire.w_optional(0, _w_long)
 _R_BitrateSample_dropped_frames = wire.r_optional(0, _r_long)
 _W_BitrateSample_appliance_id = wire.w_optional(0, _w_str)
 _R_BitrateSample_appliance_id = wire.r_optional(0, _r_str)
+_W_BitrateSample_sequence = wire.w_optional(0, _w_long)
+_R_BitrateSample_sequence = wire.r_optional(0, _r_long)
+_W_BitrateSample_source = wire.w_optional(0, _w_str)
+_R_BitrateSample_source = wire.r_optional(0, _r_str)
+_W_BitrateSample_chunk_index = wire.w_optional(0, _w_long)
+_R_BitrateSample_chunk_index = wire.r_optional(0, _r_long)
+_W_BitrateSample_download_s = wire.w_optional(0, _w_double)
+_R_BitrateSample_download_s = wire.r_optional(0, _r_double)
+_W_BitrateSample_throughput_exact_kbps = wire.w_optional(0, _w_double)
+_R_BitrateSample_throughput_exact_kbps = wire.r_optional(0, _r_double)
+_W_BitrateSample_buffer_s = wire.w_optional(0, _w_double)
+_R_BitrateSample_buffer_s = wire.r_optional(0, _r_double)
+_W_BitrateSample_position_ms = wire.w_optional(0, _w_long)
+_R_BitrateSample_position_ms = wire.r_optional(0, _r_long)
 
 
 def _write_bitrate_sample(out: bytearray, v: BitrateSample) -> None:
@@ -2453,6 +3201,13 @@ def _write_bitrate_sample(out: bytearray, v: BitrateSample) -> None:
     _w_long(out, v.rebuffer_ms)
     _W_BitrateSample_dropped_frames(out, v.dropped_frames)
     _W_BitrateSample_appliance_id(out, v.appliance_id)
+    _W_BitrateSample_sequence(out, v.sequence)
+    _W_BitrateSample_source(out, v.source)
+    _W_BitrateSample_chunk_index(out, v.chunk_index)
+    _W_BitrateSample_download_s(out, v.download_s)
+    _W_BitrateSample_throughput_exact_kbps(out, v.throughput_exact_kbps)
+    _W_BitrateSample_buffer_s(out, v.buffer_s)
+    _W_BitrateSample_position_ms(out, v.position_ms)
 
 
 def _read_bitrate_sample(data: bytes, pos: int) -> tuple[BitrateSample, int]:
@@ -2469,6 +3224,13 @@ def _read_bitrate_sample(data: bytes, pos: int) -> tuple[BitrateSample, int]:
     f_rebuffer_ms, pos = _r_long(data, pos)
     f_dropped_frames, pos = _R_BitrateSample_dropped_frames(data, pos)
     f_appliance_id, pos = _R_BitrateSample_appliance_id(data, pos)
+    f_sequence, pos = _R_BitrateSample_sequence(data, pos)
+    f_source, pos = _R_BitrateSample_source(data, pos)
+    f_chunk_index, pos = _R_BitrateSample_chunk_index(data, pos)
+    f_download_s, pos = _R_BitrateSample_download_s(data, pos)
+    f_throughput_exact_kbps, pos = _R_BitrateSample_throughput_exact_kbps(data, pos)
+    f_buffer_s, pos = _R_BitrateSample_buffer_s(data, pos)
+    f_position_ms, pos = _R_BitrateSample_position_ms(data, pos)
     made = BitrateSample(
         event_id=f_event_id,
         event_time=f_event_time,
@@ -2483,6 +3245,13 @@ def _read_bitrate_sample(data: bytes, pos: int) -> tuple[BitrateSample, int]:
         rebuffer_ms=f_rebuffer_ms,
         dropped_frames=f_dropped_frames,
         appliance_id=f_appliance_id,
+        sequence=f_sequence,
+        source=f_source,
+        chunk_index=f_chunk_index,
+        download_s=f_download_s,
+        throughput_exact_kbps=f_throughput_exact_kbps,
+        buffer_s=f_buffer_s,
+        position_ms=f_position_ms,
     )
     return made, pos
 
@@ -2492,6 +3261,8 @@ EVENT_TYPES: dict[str, type[AvroEvent]] = {
     for cls in (
         ProfileCreated,
         AnomalyDetected,
+        RuleState,
+        SessionOwner,
         PaymentFailed,
         PaymentSucceeded,
         RefundIssued,
@@ -2508,8 +3279,11 @@ EVENT_TYPES: dict[str, type[AvroEvent]] = {
         SessionResumed,
         SessionStarted,
         SessionStopped,
+        CoWatched,
+        ProfileHistory,
         ProfileRecommendations,
         LoadSample,
+        NodeStartThrottle,
         ScalingDecision,
         BitrateSample,
     )
@@ -2523,12 +3297,22 @@ AVRO_CODECS: dict[str, wire.Codec] = {
         _read_profile_created,
     ),
     AnomalyDetected.SCHEMA_NAME: wire.Codec(
-        "4f14678b847f09ed326949932df614ea",
+        "e868bd9a51889e81d55a0b4c1520d2d1",
         _write_anomaly_detected,
         _read_anomaly_detected,
     ),
+    RuleState.SCHEMA_NAME: wire.Codec(
+        "de36c70e3fe3962bccd92e14ca045af2",
+        _write_rule_state,
+        _read_rule_state,
+    ),
+    SessionOwner.SCHEMA_NAME: wire.Codec(
+        "e86c51fdaa7f5bf416b4fba46014c77e",
+        _write_session_owner,
+        _read_session_owner,
+    ),
     PaymentFailed.SCHEMA_NAME: wire.Codec(
-        "2d7840da28bea5c1c151d2822a3033f7",
+        "ca792c2b733968153284ad944989e11e",
         _write_payment_failed,
         _read_payment_failed,
     ),
@@ -2568,7 +3352,7 @@ AVRO_CODECS: dict[str, wire.Codec] = {
         _read_view_recorded,
     ),
     MountStallSample.SCHEMA_NAME: wire.Codec(
-        "c3cb9addad3c9e5fcf6d3fdb52ff31aa",
+        "9c5dea2efc5a5778eb6b6c87fc362d96",
         _write_mount_stall_sample,
         _read_mount_stall_sample,
     ),
@@ -2598,7 +3382,7 @@ AVRO_CODECS: dict[str, wire.Codec] = {
         _read_session_resumed,
     ),
     SessionStarted.SCHEMA_NAME: wire.Codec(
-        "db305e43ebdbb2706ed5ad129fe78ae9",
+        "f40d74450a47de9d3d32ca2d81598606",
         _write_session_started,
         _read_session_started,
     ),
@@ -2607,15 +3391,30 @@ AVRO_CODECS: dict[str, wire.Codec] = {
         _write_session_stopped,
         _read_session_stopped,
     ),
+    CoWatched.SCHEMA_NAME: wire.Codec(
+        "3d4985e7a84907c900400cee69dc0e5a",
+        _write_co_watched,
+        _read_co_watched,
+    ),
+    ProfileHistory.SCHEMA_NAME: wire.Codec(
+        "291803be5e8074800031cef1358d2b1b",
+        _write_profile_history,
+        _read_profile_history,
+    ),
     ProfileRecommendations.SCHEMA_NAME: wire.Codec(
         "9a2e13454a21d40ba7b25d23afc030bf",
         _write_profile_recommendations,
         _read_profile_recommendations,
     ),
     LoadSample.SCHEMA_NAME: wire.Codec(
-        "12373cbd7426de3362bf326106353bc8",
+        "5f46852fdc269e0f9021d5aad9640aa5",
         _write_load_sample,
         _read_load_sample,
+    ),
+    NodeStartThrottle.SCHEMA_NAME: wire.Codec(
+        "db750e8222ba32effc674920e38b7bb5",
+        _write_node_start_throttle,
+        _read_node_start_throttle,
     ),
     ScalingDecision.SCHEMA_NAME: wire.Codec(
         "6c4d6548417ba1c544db45f877f99aec",
@@ -2623,7 +3422,7 @@ AVRO_CODECS: dict[str, wire.Codec] = {
         _read_scaling_decision,
     ),
     BitrateSample.SCHEMA_NAME: wire.Codec(
-        "4d13350dca4b9158540d78e9f418c457",
+        "ccf4c221e20832fd46d4385654b10eba",
         _write_bitrate_sample,
         _read_bitrate_sample,
     ),

@@ -30,7 +30,7 @@ from confluent_kafka import Producer as KafkaProducer
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.bus import metrics
+from services.bus import metrics, wire
 from services.bus.contracts import Contracts, Topic
 from services.bus.events import AvroEvent
 from services.bus.serde import Serde
@@ -342,16 +342,16 @@ class Producer:
             base = _without(headers, carried)
             type_headers = {kind: self._type_header(kind) for kind in kinds}
             client = self._client_id_header
-            all_headers = [
-                [
-                    *base,
-                    type_headers[event.SCHEMA_NAME],
-                    (HEADER_EVENT_ID, str(event.event_id).encode()),
-                    client,
-                    *carried,
+            ids = wire.uuid_texts([event.event_id for event in events])
+            all_headers: list[KafkaHeaders]
+            if len(kinds) == 1 and not base:  # the usual batch: the same headers but the event id
+                (type_header,) = type_headers.values()
+                all_headers = [[type_header, (HEADER_EVENT_ID, eid), client, *carried] for eid in ids]
+            else:
+                all_headers = [
+                    [*base, type_headers[event.SCHEMA_NAME], (HEADER_EVENT_ID, eid), client, *carried]
+                    for event, eid in zip(events, ids, strict=True)
                 ]
-                for event in events
-            ]
             tracker = _BatchTracker(self._post, future, name, total)
             self._queue_batch(name, keys, values, all_headers, tracker)
         except Exception as exc:

@@ -10,6 +10,12 @@
   health check.
 - SIGTERM starts a staged shutdown within ``shutdown_grace_seconds``: not ready, stop fetching,
   finish in-flight work, commit, flush the producer, close the HTTP site and pools.
+- Every ``load_sample_interval_s`` seconds (0: never) the instance publishes a
+  ``reelbus.scaling.LoadSample`` on ``load_sample_topic`` (``scaling.load``), keyed by the service's
+  name: request rate (HTTP requests plus consumed records per second), in-flight HTTP requests,
+  consumer lag per assigned partition and in total, CPU (process CPU time over wall time times the
+  CPUs it may run on), and the error rate and p99 latency of its HTTP requests. The autoscaler
+  scales from these. A sample that cannot be sent is logged and skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.bus import metrics
 from services.bus.auth import TokenVerifier, auth_middleware, load_public_key
 from services.bus.consumer import AnyHandler, BusConsumer, ConsumerConfig, RetryPolicy
 from services.bus.contracts import Contracts
-from services.bus.http import MAX_BODY_BYTES, errors_middleware, tracing_middleware
+from services.bus.events import LoadSample
+from services.bus.http import MAX_BODY_BYTES, UNTRACED, errors_middleware, tracing_middleware
 from services.bus.producer import Producer, ProducerConfig
 from services.bus.registry import RegistryClient, RegistryError, RegistryUnavailable
 from services.bus.serde import Serde
@@ -63,6 +71,9 @@ class BusSettings(BaseSettings):
     shutdown_grace_seconds: float = 20.0
     log_level: str = "INFO"
     handler_retry_attempts: int = 5
+    # Load samples for the autoscaler (module doc): every this many seconds; 0 turns them off.
+    load_sample_interval_s: float = Field(default=5.0, ge=0)
+    load_sample_topic: str = "scaling.load"
     token_public_key_file: Path = Field(default_factory=lambda: default_keys_dir() / "token-signing.pub.pem")
 
 
@@ -117,6 +128,156 @@ def setup_logging(service: str, level: str) -> None:
     root.setLevel(level.upper())
 
 
+HttpHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class LoadMeter:
+    """What the load samples count of this process's HTTP traffic (the probes and /metrics aside)."""
+
+    LATENCIES = 4096  # the slowest of at most this many requests per window make its p99
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.requests = 0
+        self.errors = 0
+        self.latencies: list[float] = []
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: HttpHandler) -> web.StreamResponse:
+        if request.path in UNTRACED:
+            return await handler(request)
+        self.in_flight += 1
+        started = time.perf_counter()
+        failed = True
+        try:
+            response = await handler(request)
+            failed = response.status >= 500
+            return response
+        finally:
+            self.in_flight -= 1
+            self.requests += 1
+            self.errors += failed
+            if len(self.latencies) < self.LATENCIES:
+                self.latencies.append(time.perf_counter() - started)
+
+    def take_latencies(self) -> list[float]:
+        taken, self.latencies = self.latencies, []
+        return taken
+
+
+def consumed_records() -> tuple[int, int]:
+    """Records this process's consumers finished (handled, ignored or dead-lettered), and of them
+    the dead-lettered ones, from the bus's Prometheus counter."""
+    done = failed = 0
+    for family in metrics.CONSUMED.collect():
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            outcome = sample.labels.get("outcome")
+            if outcome != "retried":
+                done += int(sample.value)
+            if outcome == "dead_lettered":
+                failed += int(sample.value)
+    return done, failed
+
+
+def cpu_cores() -> float:
+    """CPUs this process may run on (its affinity), the denominator of the CPU utilization."""
+    try:
+        return float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return float(os.cpu_count() or 1)
+
+
+@dataclass
+class _LoadMark:
+    """Counters at the start of a sampling window."""
+
+    wall: float
+    cpu: float
+    requests: int
+    errors: int
+    consumed: int
+    failed: int
+
+
+class LoadSampler:
+    """Builds this instance's load samples (module doc) and sends them; one per window."""
+
+    def __init__(self, bus: Bus, meter: LoadMeter, interval: float) -> None:
+        self.bus = bus
+        self.meter = meter
+        self.interval = interval
+        self.topic = bus.settings.load_sample_topic
+        self._mark = self._now()
+        self._prepared = False
+
+    def _now(self) -> _LoadMark:
+        consumed, failed = consumed_records()
+        meter = self.meter
+        return _LoadMark(
+            time.monotonic(), time.process_time(), meter.requests, meter.errors, consumed, failed
+        )
+
+    async def sample(self) -> LoadSample:
+        """The sample of the window since the last call (or since this sampler was made)."""
+        lag: dict[tuple[str, int], int] = {}
+        consumer = self.bus.consumer
+        if consumer is not None and consumer.ready:
+            lag = await asyncio.to_thread(consumer.lag)
+        mark, self._mark = self._mark, self._now()
+        wall = max(self._mark.wall - mark.wall, 1e-6)
+        cores = cpu_cores()
+        handled = (self._mark.requests - mark.requests) + (self._mark.consumed - mark.consumed)
+        failures = (self._mark.errors - mark.errors) + (self._mark.failed - mark.failed)
+        latencies = sorted(self.meter.take_latencies())
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000 if latencies else None
+        return LoadSample(
+            service=self.bus.spec.name,
+            instance=self.bus.instance,
+            cpu_utilization=min(1.0, max(0.0, (self._mark.cpu - mark.cpu) / (wall * cores))),
+            in_flight=self.meter.in_flight,
+            request_rate=handled / wall,
+            consumer_lag=sum(lag.values()),
+            window_ms=round(wall * 1000),
+            error_rate=min(1.0, failures / handled) if handled else None,
+            latency_p99_ms=p99,
+            consumer_group=consumer.config.group_id if consumer is not None else None,
+            partition_lag={f"{t}/{p}": n for (t, p), n in sorted(lag.items())},
+            cpu_cores=cores,
+        )
+
+    async def send_one(self) -> LoadSample:
+        if not self._prepared:
+            await asyncio.to_thread(self.bus.serde.prepare, self.bus.contracts.topic(self.topic))
+            self._prepared = True
+        sample = await self.sample()
+        await self.bus.producer.send(self.topic, self.bus.spec.name, sample)
+        return sample
+
+    async def run(self) -> None:
+        """Until cancelled: one sample per interval; a failure is logged, and the next one tried."""
+        failing = False
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.send_one()
+                if failing:
+                    log.info("load samples are sent to %s again", self.topic)
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    log.warning(
+                        "cannot send a load sample to %s (%r); trying every %.0fs",
+                        self.topic,
+                        exc,
+                        self.interval,
+                    )
+                failing = True
+
+
 Routes = Callable[[web.Application], None]
 Resource = Callable[[web.Application], AsyncIterator[None]]
 
@@ -152,6 +313,7 @@ class Bus:
         self.registry = RegistryClient(settings.registry_url)
         self.serde = Serde(contracts, self.registry)
         instance = settings.instance_id or f"{spec.name}-{socket.gethostname()}-{os.getpid()}"
+        self.instance = instance
         self.producer = Producer(
             ProducerConfig(settings.kafka_bootstrap_servers, client_id=instance), contracts, self.serde
         )
@@ -222,7 +384,8 @@ class ServiceRuntime:
         self.contracts = contracts or Contracts.load()
         self.bus = Bus(spec, settings, self.contracts)
         self.verifier: TokenVerifier | None = None
-        middlewares: list[Any] = [tracing_middleware, errors_middleware]
+        self.load_meter = LoadMeter()
+        middlewares: list[Any] = [tracing_middleware, self.load_meter.middleware, errors_middleware]
         if spec.routes is not None:
             key_file = settings.token_public_key_file
             try:
@@ -296,6 +459,11 @@ class ServiceRuntime:
             await on_started(self.port)
 
         self._tasks["bus"] = asyncio.create_task(self._run_bus(), name="bus")
+        sampler = self.load_sampler()
+        if sampler is not None:
+            self._tasks["load-sampler"] = asyncio.create_task(
+                self._run_root("load-sampler", lambda _app: sampler.run()), name="load-sampler"
+            )
         for name, loop_fn in self.spec.root_tasks.items():
             self._tasks[name] = asyncio.create_task(self._run_root(name, loop_fn), name=name)
         stopper = asyncio.create_task(stop.wait(), name="sigterm")
@@ -313,6 +481,16 @@ class ServiceRuntime:
             stopper.cancel()
             code = max(code, await self._shutdown(runner))
         return code
+
+    def load_sampler(self) -> LoadSampler | None:
+        """The load sampler, or None when samples are off or their topic is not declared."""
+        interval = self.settings.load_sample_interval_s
+        if interval <= 0:
+            return None
+        if self.settings.load_sample_topic not in self.contracts.topics:
+            log.warning("no load samples: topic %s is not declared", self.settings.load_sample_topic)
+            return None
+        return LoadSampler(self.bus, self.load_meter, interval)
 
     async def _run_root(self, name: str, loop_fn: Callable[[web.Application], Awaitable[None]]) -> None:
         while not self.bus.producer_ready:

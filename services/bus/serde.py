@@ -13,6 +13,11 @@ anything the codec refuses (a naive datetime, a value of the wrong type) goes th
 writes it or raises what it always raised. ``encode_values``/``encode_keys`` encode a whole
 batch; ``decode_event_nowait``/``decode_key_nowait`` decode without a coroutine once the writer's
 schema is cached (they raise ``SchemaNotCached`` when it is not: await ``reader_for`` and call again).
+
+When the native codec (``services/bus/native``, see ``wire.NATIVE``) is installed, each generated codec
+has a native twin that is tried first: the same bytes and the same objects, several times faster, and
+for anything it does not take it raises and the generated codec decides as before. Without it (or
+with ``REELBUS_NATIVE_CODEC=0``) everything above works as it did.
 """
 
 from __future__ import annotations
@@ -106,6 +111,28 @@ def _codec_for(schema: Schema, *others: Any) -> wire.Codec | None:
     return codec
 
 
+_NATIVE_CODECS: dict[str, Any] = {}  # fullname -> the native codec of its event class (or None)
+
+
+def _native_for(schema: Schema, codec: wire.Codec | None) -> Any:
+    """The native codec (``wire.native_codec``) of ``schema``'s event class, when the generated codec
+    is used for it (``codec``): the native one is tried first and falls back to it."""
+    if codec is None or wire.NATIVE is None:
+        return None
+    fullname = schema.fullname
+    if fullname not in _NATIVE_CODECS:
+        cls = EVENT_TYPES.get(fullname)
+        _NATIVE_CODECS[fullname] = None if cls is None else wire.native_codec(schema.raw, cls)
+    return _NATIVE_CODECS[fullname]
+
+
+# The native fast paths of decode_event_nowait/decode_key_nowait (header, cached reader, its native
+# codec, the topic check, all in one call), or None without the extension.
+_DECODE_FRAMED_EVENT: Any = getattr(wire.NATIVE, "decode_framed_event", None)
+_DECODE_FRAMED_STRING: Any = getattr(wire.NATIVE, "decode_framed_string", None)
+_DECODE_RUN: Any = getattr(wire.NATIVE, "decode_run", None)
+
+
 def _fast_writer() -> Any:
     """fastavro's compiled ``write_data`` (what its ``schemaless_writer`` calls into a bytearray), or
     None when this fastavro build does not have it or it writes something else than the public API."""
@@ -145,11 +172,13 @@ class _Writer:
     string: bool  # the schema is Avro "string" (keys): encoded without fastavro
     codec: wire.Codec | None = None  # the generated codec, when it was generated from this schema
     event_type: type | None = None
+    native: Any = None  # the native codec of the same class, tried before ``codec``
 
     @classmethod
     def of(cls, schema: Schema, schema_id: int) -> _Writer:
         named: dict[str, Any] = {}
         parsed = fastavro.parse_schema(schema.raw, named, _write_hint=False)
+        codec = _codec_for(schema)
         return cls(
             schema_id=schema_id,
             fullname=schema.fullname,
@@ -158,13 +187,21 @@ class _Writer:
             named=named,
             hinted=fastavro.parse_schema(schema.raw),
             string=schema.raw == "string",
-            codec=_codec_for(schema),
+            codec=codec,
             event_type=EVENT_TYPES.get(schema.fullname),
+            native=_native_for(schema, codec),
         )
 
     def encode_event(self, event: AvroEvent) -> bytes:
         codec = self.codec
         if codec is not None and type(event) is self.event_type:
+            native = self.native
+            if native is not None:
+                try:
+                    encoded: bytes = native.encode(self.prefix, event)
+                    return encoded
+                except Exception:  # what it does not take, the generated codec decides
+                    pass
             buf = bytearray(self.prefix)
             try:
                 codec.write(buf, event)
@@ -195,11 +232,13 @@ class _Reader:
     string: bool = field(default=False, compare=False)  # writer and reader are both "string"
     # The generated codec, when the writer's layout is the one our event class was generated from.
     codec: wire.Codec | None = field(default=None, compare=False)
+    native: Any = field(default=None, compare=False)  # the native codec, tried before ``codec``
 
     @classmethod
     def of(cls, writer: Schema, reader: Schema | None) -> _Reader:
         ours = reader if reader is not None else writer
         same = ours.raw == writer.raw
+        codec = _codec_for(ours, writer.raw) if ours.fullname == writer.fullname else None
         return cls(
             writer=writer.parsed,
             reader=ours.parsed,
@@ -207,7 +246,8 @@ class _Reader:
             hinted_writer=fastavro.parse_schema(writer.raw),
             hinted_reader=None if same else fastavro.parse_schema(ours.raw),
             string=same and writer.raw == "string",
-            codec=_codec_for(ours, writer.raw) if ours.fullname == writer.fullname else None,
+            codec=codec,
+            native=_native_for(ours, codec),
         )
 
     def read(self, data: bytes) -> Any:
@@ -285,11 +325,31 @@ class Serde:
 
     def encode_keys(self, topic: Topic, keys: Iterable[Any]) -> list[bytes]:
         """``encode_key`` for many keys of one topic."""
-        encode = self._writer(topic.key_subject, topic.key, topic).encode
+        writer = self._writer(topic.key_subject, topic.key, topic)
+        if writer.string:
+            keys = keys if isinstance(keys, list) else list(keys)
+            encoded = wire.encode_strings(writer.prefix, keys)  # natively, when all are str
+            if encoded is not None:
+                return encoded
+        encode = writer.encode
         return [encode(key) for key in keys]
 
     def encode_values(self, topic: Topic, events: Iterable[AvroEvent]) -> list[bytes]:
         """``encode_value`` for many events of one topic, with the writers looked up once."""
+        if not isinstance(events, list):
+            events = list(events)
+        if events:
+            # All of one type (a service's batch usually is): the native codec encodes them in one call.
+            name = events[0].SCHEMA_NAME
+            if name not in topic.values:
+                raise ValueError(f"{name} is not declared as a value of topic {topic.name}")
+            writer = self._writer(topic.value_subject(name), name, topic)
+            if writer.native is not None and writer.codec is not None:
+                try:
+                    encoded: list[bytes] = writer.native.encode_many(writer.prefix, events, writer.event_type)
+                    return encoded
+                except Exception:  # another type in the batch, or a value it does not take: one by one
+                    pass
         out: list[bytes] = []
         encoders: dict[str, Any] = {}
         for event in events:
@@ -357,13 +417,35 @@ class Serde:
     def decode_event_nowait(self, topic: Topic | None, data: bytes | None) -> AvroEvent:
         """``decode_event`` without awaiting: raises ``SchemaNotCached`` when the writer's schema id
         has not been fetched yet (``await reader_for(exc.schema_id)``, then call again)."""
+        fast = _DECODE_FRAMED_EVENT
+        if fast is not None:
+            # What the path below does when the reader has a native codec; anything else (not
+            # cached, no native codec, not declared, a body it refuses) raises, and the path below
+            # decides as it always did.
+            try:
+                decoded: AvroEvent = fast(data, self._readers, None if topic is None else topic.values)
+                return decoded
+            except Exception:
+                pass
         reader = self._cached_reader(data)
         assert data is not None
         fullname = reader.fullname
         codec = reader.codec
         if codec is not None:
+            native = reader.native
+            if native is not None:
+                try:
+                    event: AvroEvent = native.decode(data, _HEADER_SIZE)
+                except Exception:  # what it does not take, the generated codec decides
+                    pass
+                else:
+                    if topic is not None and fullname not in topic.values:
+                        raise PoisonMessage(
+                            "decode", f"{fullname} is not declared as a value of topic {topic.name}"
+                        )
+                    return event
             try:
-                event: AvroEvent = codec.read(data, _HEADER_SIZE)[0]
+                event = codec.read(data, _HEADER_SIZE)[0]
             except Exception as exc:
                 schema_id = _schema_id(data)
                 raise PoisonMessage("decode", f"body does not match schema id {schema_id}: {exc!r}") from exc
@@ -385,10 +467,43 @@ class Serde:
             await self.reader_for(exc.schema_id)
         return self.decode_event_nowait(topic, data)
 
+    def decode_run(
+        self,
+        group: list[tuple[Any, Any]],
+        start: int,
+        topic: Topic | None,
+        make_record: Any,
+        topic_name: str,
+        partition: int,
+    ) -> tuple[list[tuple[Any, Any]], list[Any], int]:
+        """The consumer's common case in one native call: from ``group[start]`` (``(message, headers)``
+        of one partition) on, the records whose value and key ``decode_event_nowait`` and
+        ``decode_key_nowait`` would decode through their native fast paths, all of one event type:
+        ``(pairs, messages, end)`` with ``pairs`` the ``(event, make_record(topic_name, partition,
+        offset, key, headers, timestamp))`` and ``end`` the first record not taken (the caller's usual
+        path takes it). ``([], [], start)`` without the extension or when the first is not for it."""
+        fast = _DECODE_RUN
+        if fast is not None:
+            allowed = None if topic is None else topic.values
+            try:
+                taken: tuple[list[tuple[Any, Any]], list[Any], int] = fast(
+                    group, start, self._readers, allowed, make_record, topic_name, partition
+                )
+                return taken
+            except Exception:  # the usual path decides, record by record
+                pass
+        return [], [], start
+
     def decode_key_nowait(self, data: bytes | None) -> Any:
         """``decode_key`` without awaiting; raises ``SchemaNotCached`` like ``decode_event_nowait``."""
         if data is None:
             return None
+        fast = _DECODE_FRAMED_STRING
+        if fast is not None:
+            try:  # a string key whose schema id is cached; anything else goes the path below
+                return fast(data, self._readers)
+            except Exception:
+                pass
         reader = self._cached_reader(data)
         try:
             return reader.read(data)

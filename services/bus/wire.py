@@ -13,12 +13,16 @@ or malformed body (the caller turns that into a poison record).
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
+import importlib
 import json
 import os
 import struct
+import typing
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -78,11 +82,36 @@ def fingerprint(schema: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+# uuid4's randomness: os.urandom read 4 KiB at a time (one syscall per 256 ids, not one per id), made
+# into version-4 ids at once and handed out by a C iterator, whose next() is atomic under the GIL, so
+# two threads never get the same id. A forked child drops what its parent had read: it never repeats it.
+_RANDOM_READ = 4096
+_random: list[Iterator[int]] = [iter(())]  # the current iterator, replaced when spent
+
+
+def _forget_random() -> None:
+    _random[0] = iter(())
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
+def _fresh_ids() -> Iterator[int]:
+    data = os.urandom(_RANDOM_READ)
+    from_bytes = int.from_bytes
+    return iter([(from_bytes(data[i : i + 16]) & _V4_CLEAR) | _V4_SET for i in range(0, _RANDOM_READ, 16)])
+
+
 def uuid4() -> uuid.UUID:
     """``uuid.uuid4()`` (16 bytes of ``os.urandom``, version 4) without the UUID constructor's checks:
     the events' ``event_id`` default."""
+    try:
+        value = next(_random[0])
+    except StopIteration:
+        fresh = _random[0] = _fresh_ids()
+        value = next(fresh)
     made = _new_uuid(_UUID)
-    _set(made, "int", (int.from_bytes(os.urandom(16), "big") & _V4_CLEAR) | _V4_SET)
+    _set(made, "int", value)
     _set(made, "is_safe", _SAFE_UNKNOWN)
     return made
 
@@ -345,3 +374,195 @@ def r_optional(null_index: int, read_value: Reader) -> Reader:
         return read_value(data, pos)
 
     return read
+
+
+# -- the native codec (optional) ------------------------------------------------------------------
+#
+# ``services/bus/native`` (Rust, pyo3; ``make install`` builds it) writes and reads the same bytes and
+# objects as the generated codecs above, several times faster. It takes only the exact types the
+# generated classes hold and raises on anything else, so ``serde`` tries it first and falls back to the
+# generated codec (then fastavro) on any exception: it decides nothing the Python codec would decide
+# differently (``tests/unit/test_native_codec.py`` holds the two to each other on every schema).
+# ``REELBUS_NATIVE_CODEC=0`` turns it off; without the extension the Python codecs are used as before.
+
+NATIVE_PLAN_VERSION = 1
+
+
+def _load_native() -> Any:
+    if os.environ.get("REELBUS_NATIVE_CODEC", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        reelbus_native = importlib.import_module("reelbus_native")
+    except ImportError:
+        return None
+    if getattr(reelbus_native, "PLAN_VERSION", None) != NATIVE_PLAN_VERSION:  # a stale build
+        return None
+    return reelbus_native
+
+
+NATIVE: Any = _load_native()
+
+
+class _NoPlan(Exception):
+    """The schema (or its class) has something the native codec does not take: no native codec."""
+
+
+_PLAN_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+
+
+def _without_none(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) != 1:
+        raise _NoPlan(f"{hint!r} is not an optional type")
+    return args[0]
+
+
+def _type_arg(hint: Any, origin: type, index: int) -> Any:
+    if typing.get_origin(hint) is not origin:
+        raise _NoPlan(f"{hint!r} is not a {origin.__name__}")
+    return typing.get_args(hint)[index]
+
+
+def _plan(schema: Any, hint: Any, namespace: str, named: dict[str, tuple[Any, ...]]) -> tuple[Any, ...]:
+    """The plan ``reelbus_native.Codec`` compiles (see its ``Node::compile``), from the schema and the
+    Python type the generated class declares for it (records and enums name their classes)."""
+    if isinstance(schema, list):
+        if len(schema) != 2 or schema.count("null") != 1:
+            raise _NoPlan("only [null, T] unions")
+        null_index = schema.index("null")
+        return ("optional", null_index, _plan(schema[1 - null_index], _without_none(hint), namespace, named))
+    if isinstance(schema, str):
+        if schema in _PLAN_PRIMITIVES:
+            return (schema,)
+        for candidate in (schema if "." in schema or not namespace else f"{namespace}.{schema}", schema):
+            if candidate in named:
+                return named[candidate]
+        raise _NoPlan(f"unknown type {schema!r}")
+    if not isinstance(schema, dict):
+        raise _NoPlan(f"not a schema: {schema!r}")
+    kind = schema.get("type")
+    if isinstance(kind, dict | list):
+        return _plan(kind, hint, namespace, named)
+    logical = schema.get("logicalType")
+    if logical is not None:
+        if (kind, logical) == ("string", "uuid"):
+            return ("uuid",)
+        if (kind, logical) == ("long", "timestamp-millis"):
+            return ("timestamp-millis",)
+        raise _NoPlan(f"logicalType {logical!r} on {kind!r}")
+    if kind == "array":
+        return ("array", _plan(schema.get("items"), _type_arg(hint, list, 0), namespace, named))
+    if kind == "map":
+        return ("map", _plan(schema.get("values"), _type_arg(hint, dict, 1), namespace, named))
+    if kind not in ("record", "error", "enum", "fixed"):
+        if isinstance(kind, str) and kind in _PLAN_PRIMITIVES:
+            return (kind,)
+        return _plan(kind, hint, namespace, named)
+    explicit = schema.get("namespace")
+    name = str(schema.get("name"))
+    space = explicit if isinstance(explicit, str) else namespace
+    fullname = name if "." in name or not space else f"{space}.{name}"
+    plan: tuple[Any, ...]
+    if kind == "fixed":
+        plan = ("fixed", int(schema["size"]))
+    elif kind == "enum":
+        if not (isinstance(hint, type) and issubclass(hint, enum.Enum)):
+            raise _NoPlan(f"enum {fullname} has no enum class")
+        members = tuple(hint)
+        if [m.value for m in members] != list(schema.get("symbols", [])):
+            raise _NoPlan(f"enum {fullname}: the class's members are not the symbols")
+        plan = ("enum", members, {m.value: i for i, m in enumerate(members)})
+    else:
+        if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+            raise _NoPlan(f"record {fullname} has no dataclass")
+        raw_fields = schema.get("fields", [])
+        fields = dataclasses.fields(hint)
+        names = tuple(str(f.get("name")) for f in raw_fields)
+        if tuple(f.name for f in fields) != names:
+            raise _NoPlan(f"record {fullname}: the dataclass's fields are not the schema's")
+        hints = typing.get_type_hints(hint)
+        own = fullname.rpartition(".")[0]
+        plans = tuple(_plan(f.get("type"), hints[f.get("name")], own, named) for f in raw_fields)
+        # Built without calling __init__ (as the dataclass's own __init__ does: object.__setattr__
+        # per field) only when __init__ does nothing else.
+        direct = not hasattr(hint, "__post_init__") and all(f.init for f in fields)
+        # Frozen and without __dict__: with only immutable fields (the extension checks them) its
+        # instances can never be part of a reference cycle, so they need not be tracked by the GC.
+        params = getattr(hint, "__dataclass_params__", None)
+        sealed = bool(params is not None and params.frozen and hint.__dictoffset__ == 0)
+        plan = ("record", hint, names, plans, direct, sealed)
+    named[fullname] = plan
+    return plan
+
+
+def native_plan(schema: Any, cls: type) -> tuple[Any, ...] | None:
+    """The native codec's plan for the top-level record ``schema`` and its generated class, or None
+    when something in it is not for the native codec."""
+    try:
+        plan = _plan(schema, cls, "", {})
+    except (_NoPlan, KeyError, TypeError, ValueError, NameError):
+        return None
+    return plan if plan[0] == "record" else None
+
+
+def native_codec(schema: Any, cls: type) -> Any:
+    """A ``reelbus_native.Codec`` for ``cls`` (with ``encode(prefix, event)``, ``encode_many``,
+    ``read(data, pos)``, ``decode(data, pos)``), or None without the extension or a plan."""
+    if NATIVE is None:
+        return None
+    plan = native_plan(schema, cls)
+    if plan is None:
+        return None
+    try:
+        return NATIVE.Codec(plan)
+    except Exception:  # a plan this build does not take: the Python codec
+        return None
+
+
+def uuid_texts(uuids: list[uuid.UUID]) -> list[bytes]:
+    """``[str(u).encode() for u in uuids]`` (the event-id headers of a batch), natively when it can."""
+    if NATIVE is not None:
+        try:
+            texts: list[bytes] = NATIVE.uuid_texts(uuids)
+            return texts
+        except Exception:  # not all uuid.UUID: as Python does it
+            pass
+    return [str(u).encode() for u in uuids]
+
+
+def encode_strings(prefix: bytes, values: list[Any]) -> list[bytes] | None:
+    """``prefix`` + the Avro string of each value (keys), natively; None when the extension is absent
+    or a value is not exactly a ``str`` (the caller encodes them itself)."""
+    if NATIVE is None:
+        return None
+    try:
+        encoded: list[bytes] = NATIVE.encode_strings(prefix, values)
+    except Exception:
+        return None
+    return encoded
+
+
+def builder(cls: type[T]) -> Callable[..., T]:
+    """A constructor of the dataclass ``cls`` taking its field values positionally: the native one
+    (which sets the fields as the dataclass's own ``__init__`` does, without the call) when ``cls``'s
+    ``__init__`` does nothing else, else ``cls`` itself."""
+    if NATIVE is None or not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__"):
+        return cls
+    fields = dataclasses.fields(cls)
+    if not all(f.init and not f.kw_only for f in fields):
+        return cls
+    try:
+        made: Callable[..., T] = NATIVE.Builder(cls, tuple(f.name for f in fields))
+    except Exception:
+        return cls
+    return made
+
+
+def _now_ms_python() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+#: The current UTC time truncated to milliseconds, the precision of timestamp-millis (the events'
+#: ``event_time`` default): natively when it can (one object instead of two).
+now_ms: Callable[[], datetime] = NATIVE.now_ms if NATIVE is not None else _now_ms_python

@@ -21,6 +21,10 @@ Tracing (``--tracing``): ``exported`` (default) sets tracing up as a service doe
 the ``OTEL_*`` variables, Zipkin by default, spans exported in the background); ``recorded`` makes
 every span but exports none; ``off`` is the no-op API (no spans, no ``traceparent``).
 
+Codec: the bus encodes and decodes with its native codec (``services/bus/native``, built by ``make
+install``) when it is installed, else with the generated Python codecs; the table's first line says
+which. ``REELBUS_NATIVE_CODEC=0 reelbus bench bus`` measures the Python codecs.
+
 The bus side is warmed up first on a topic of its own (not counted); the JVM tools count their own
 JIT warm-up (their 4.1 versions have no warm-up option), not the JVM's start. The bench topics are
 ``bench.<run id>.*``, made through ``Admin.apply`` like any declared topic and deleted at the end.
@@ -57,6 +61,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
+from services.bus import wire
 from services.bus.admin import Admin
 from services.bus.consumer import AnyHandler, BusConsumer, ConsumerConfig, ConsumerDied, Record, batched
 from services.bus.contracts import ContractError, Contracts, Topic
@@ -257,7 +262,8 @@ def render_table(result: BenchResult) -> str:
         f"reelbus bench bus: {s['records']} records of {s['record_size']} B "
         f"({s['event_type']}, 5-byte header + {s['record_size'] - 5}-byte Avro body), "
         f"{s['partitions']} partitions, warm-up {s['warmup']} records (not counted), tracing {s['tracing']}, "
-        f"{s.get('batch', 1)} records per produce call, {s.get('handler', 'record')} handler",
+        f"{s.get('batch', 1)} records per produce call, {s.get('handler', 'record')} handler, "
+        f"{s.get('codec', 'python')} Avro codec",
         f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, {m['os']}, {m['date']}",
         f"versions: Kafka {m['kafka']}, Java {m['java']}, Python {m['python']}, "
         f"confluent-kafka {m['confluent_kafka']} (librdkafka {m['librdkafka']})",
@@ -620,6 +626,8 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
                     "tracing": opts.tracing,
                     "batch": opts.batch,
                     "handler": opts.handler,
+                    # services/bus/native when built (`make install`), else the generated Python codecs
+                    "codec": "native" if wire.NATIVE is not None else "python",
                     "run_id": run_id,
                     "kafka_producer_props": list(KAFKA_PRODUCER_PROPS),
                     "producer": {
@@ -857,6 +865,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="measure the bus and the playback path against baselines")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
+    from services.cli import bench_recommender
+
+    bench_recommender.register(benches)
+
     b = benches.add_parser(
         "bus",
         help="bus producer and consumer versus Kafka's ProducerPerformance and ConsumerPerformance",
@@ -923,3 +935,25 @@ def register(sub: Any) -> None:
     )
     bench_billing.add_arguments(bb)
     bb.set_defaults(func=bench_billing.run)
+
+    from services.cli import bench_mounts
+
+    bm = benches.add_parser(
+        "mounts",
+        help="container-start and health-probe latency against concurrent starts, per-layer vs common-parent",
+        description=bench_mounts.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_mounts.add_arguments(bm)
+    bm.set_defaults(func=bench_mounts.run)
+
+    from services.cli import bench_anomaly
+
+    ba = benches.add_parser(
+        "anomaly",
+        help="anomaly detector events/s per worker and end-to-end lag vs a bare aiokafka consumer",
+        description=bench_anomaly.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_anomaly.add_arguments(ba)
+    ba.set_defaults(func=bench_anomaly.run)

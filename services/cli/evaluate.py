@@ -183,3 +183,7 @@ def register(sub: Any) -> None:
         help="processes (the scores do not depend on it)",
     )
     a.set_defaults(func=cmd_anomaly)
+
+    from services.cli import eval_recommender
+
+    eval_recommender.register(which)

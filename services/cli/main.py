@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     abr.register(sub)
     evaluate.register(sub)
     replay.register(sub)
+
+    from services.cli import actuator
+
+    actuator.register(sub)
+
+    from services.cli import load
+
+    load.register(sub)
+
+    from services.cli import dashboard
+
+    dashboard.register(sub)
     return parser
 
 

@@ -105,6 +105,21 @@ SERVICES: tuple[ServiceDef, ...] = (
         },
         after=("haproxy", "kafka", "registry"),
     ),
+    # The live dashboard (issue 7), served through the gateway at /dashboard/.
+    ServiceDef(
+        "dashboard",
+        8110,
+        env=lambda lay: {"DASHBOARD_ZIPKIN_URL": lay.zipkin_url},
+        after=("kafka", "registry", "zipkin"),
+    ),
+    ServiceDef(
+        "abr",
+        8109,
+        env=lambda lay: {"ABR_REDIS_URL": _redis(lay), "ABR_ALGORITHM": "robustmpc"},
+        after=("redis", "kafka", "registry"),
+    ),
+    # The recommender (issue 5): a Faust stream processor; its RocksDB tables live under data/streams/.
+    ServiceDef("recommender", 8112, after=("kafka", "registry")),
     ServiceDef(
         "gateway",
         8080,
@@ -115,9 +130,19 @@ SERVICES: tuple[ServiceDef, ...] = (
             "GATEWAY_PLAYBACK_URL": service("playback").url,
             "GATEWAY_HISTORY_URL": service("history").url,
             "GATEWAY_BILLING_URL": "http://127.0.0.1:" + str(infra.env_int("REELBUS_BILLING_PORT", 8105)),
+            "GATEWAY_ABR_URL": service("abr").url,
+            "GATEWAY_DASHBOARD_URL": service("dashboard").url,
+            "GATEWAY_RECOMMENDER_URL": service("recommender").url,
         },
-        after=("redis", "kafka", "registry", "accounts", "catalog", "playback", "history", "billing"),
+        after=("redis", "kafka", "registry", "accounts", "catalog", "playback", "history", "billing", "abr"),
     ),
+    # The node agent (issue 6): mounts in private mount namespaces, so it needs CAP_SYS_ADMIN (root
+    # here); without it, it says so and publishes the mount table's size and read time only.
+    ServiceDef("mount_probe", 8120, after=("kafka", "registry")),
+    # The autoscaler (issue 6): decisions on scaling.decisions; `reelbus autoscale` acts on them.
+    ServiceDef("autoscaler", 8130, after=("kafka", "registry")),
+    # The anomaly detector (issue 5): a faust stream processor; anomalies on anomalies.detected.
+    ServiceDef("anomaly_detector", 8140, after=("kafka", "registry")),
 )
 
 

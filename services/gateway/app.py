@@ -4,8 +4,11 @@ errors into JSON and continue the caller's trace in a SERVER span."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from opentelemetry import trace
@@ -18,7 +21,7 @@ from services.bus.tracing import ATTR_ACCOUNT_ID
 from services.gateway import handlers
 from services.gateway.adapters.ratelimit import Limit, RateLimiter
 from services.gateway.adapters.upstream import UpstreamFailed, Upstreams, new_session
-from services.gateway.routes import PUBLIC_ROUTES, ROUTES
+from services.gateway.routes import ABR_DECISION_PATH, HEARTBEAT_ROUTE, PUBLIC_ROUTES, ROUTES
 from services.gateway.settings import Settings
 
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
@@ -121,6 +124,46 @@ def proxy_to(upstream: str) -> Handler:
     return proxy
 
 
+async def abr_decision(request: web.Request, session_id: str) -> Any:
+    """The session's current ABR decision from the ABR service's read model; None when there is none
+    or the ABR service cannot say (a heartbeat never fails because of it)."""
+    headers = {name: request.headers[name] for name in ("Authorization",) if name in request.headers}
+    headers["Accept"] = "application/json"
+    path = ABR_DECISION_PATH.format(session_id=quote(session_id, safe=""))
+    try:
+        answer = await request.app[UPSTREAMS].send("abr", "GET", path, headers, None)
+    except UpstreamFailed:
+        return None
+    if answer.status != 200:
+        return None
+    try:
+        return json.loads(answer.body).get("abr")
+    except (ValueError, AttributeError):
+        return None
+
+
+def heartbeat_with_abr() -> Handler:
+    """Heartbeats are proxied to playback; an accepted one's answer gains the session's ABR decision."""
+    to_playback = proxy_to("playback")
+
+    async def heartbeat(request: web.Request) -> web.StreamResponse:
+        response = await to_playback(request)
+        if response.status != 202 or not isinstance(response, web.Response):
+            return response
+        try:
+            doc = json.loads(response.body) if isinstance(response.body, bytes) else None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            return response
+        doc["abr"] = await abr_decision(request, request.match_info["session_id"])
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        headers["Content-Type"] = "application/json"
+        return web.Response(status=response.status, body=json.dumps(doc).encode(), headers=headers)
+
+    return heartbeat
+
+
 async def no_route(request: web.Request) -> web.StreamResponse:
     try:
         await limit_rate(request)
@@ -132,6 +175,7 @@ async def no_route(request: web.Request) -> web.StreamResponse:
 def create_spec(settings: Settings) -> ServiceSpec:
     def routes(app: web.Application) -> None:
         app[SETTINGS] = settings
+        app.router.add_post(HEARTBEAT_ROUTE, heartbeat_with_abr())
         for route in ROUTES:
             app.router.add_route("*", route.pattern, proxy_to(route.upstream))
         app.router.add_route("*", "/{anything:.*}", no_route)

@@ -25,6 +25,13 @@ class Settings(BusSettings):
     playback_url: str
     history_url: str
     billing_url: str | None = None
+    # The ABR service (player telemetry, bitrate decisions). Optional: without it its routes answer
+    # 503 and heartbeat responses carry "abr": null.
+    abr_url: str | None = None
+    # The live dashboard (its page and JSON). Optional: without it its routes answer 503.
+    dashboard_url: str | None = None
+    # The recommender's read model (a profile's rows). Optional: without it its route answers 503.
+    recommender_url: str | None = None
 
     upstream_timeout_seconds: float = Field(default=10.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=2.0, gt=0)
@@ -45,7 +52,16 @@ class Settings(BusSettings):
     # when working out the client's address for the per-address limit.
     trusted_proxies: Annotated[tuple[Network, ...], NoDecode] = ()
 
-    @field_validator("accounts_url", "catalog_url", "playback_url", "history_url", "billing_url")
+    @field_validator(
+        "accounts_url",
+        "catalog_url",
+        "playback_url",
+        "history_url",
+        "billing_url",
+        "abr_url",
+        "dashboard_url",
+        "recommender_url",
+    )
     @classmethod
     def _base_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -69,4 +85,7 @@ class Settings(BusSettings):
             "playback": self.playback_url,
             "history": self.history_url,
             "billing": self.billing_url,
+            "abr": self.abr_url,
+            "dashboard": self.dashboard_url,
+            "recommender": self.recommender_url,
         }

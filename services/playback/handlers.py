@@ -291,6 +291,7 @@ async def start_session(
                 initial_bitrate_kbps=title.ladder_kbps[0],  # start at the lowest rung; ABR climbs
                 position_ms=command.position_ms,
                 title_duration_ms=title.runtime_ms,
+                ladder_kbps=list(title.ladder_kbps),  # for the ABR service's decisions
             ),
         )
     return StartedSession(

@@ -36,6 +36,49 @@ INFRA_HOSTS = {
 
 Doc = dict[str, Any]
 
+# Node agents run as a DaemonSet, one pod per node, not as a Deployment: mount_probe measures its
+# node's kernel mount path (privileged, deploy/k8s/base/deployments.yaml). They have no autoscaler, no
+# replica count in the overlays, and may take the downward-API variables named here (fieldRef only).
+NODE_AGENTS = {"mount_probe"}
+NODE_AGENT_ENV = {"mount_probe": {"MOUNT_PROBE_NODE_NAME": "spec.nodeName"}}
+
+# Singletons run as exactly one replica in every overlay, with no HPA and a budget that lets a drain
+# evict them: the autoscaler keeps per-service windows and per-node state in memory, and replicas
+# would split the samples' partitions and each decide over a part of them.
+SINGLETONS = {"autoscaler"}
+
+# What the API server accepts as object names (k8s.io/apimachinery/pkg/util/validation).
+DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # at most 63 characters
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")  # <= 253
+DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")  # Services' names; at most 63 characters
+
+
+def is_dns1123_label(value: str) -> bool:
+    return len(value) <= 63 and DNS1123_LABEL.fullmatch(value) is not None
+
+
+def is_dns1123_subdomain(value: str) -> bool:
+    return len(value) <= 253 and DNS1123_SUBDOMAIN.fullmatch(value) is not None
+
+
+def is_dns1035_label(value: str) -> bool:
+    return len(value) <= 63 and DNS1035_LABEL.fullmatch(value) is not None
+
+
+def k8s_name(package: str) -> str:
+    """A service's name in Kubernetes (objects, labels, accounts, containers, Service host names):
+    its package name with ``_`` made ``-``. Compose keeps the package name."""
+    return package.replace("_", "-")
+
+
+def workload_kind(package: str) -> str:
+    return "DaemonSet" if package in NODE_AGENTS else "Deployment"
+
+
+def workload(docs: list[Doc], package: str) -> Doc:
+    """The Deployment (or, for a node agent, the DaemonSet) running a service."""
+    return by_kind(docs, workload_kind(package))[k8s_name(package)]
+
 
 def service_packages() -> list[str]:
     """Every service folder under services/ that can run (it has ``__main__.py``)."""

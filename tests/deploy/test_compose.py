@@ -48,7 +48,7 @@ def test_memory_limits_add_up_to_the_documented_totals() -> None:
     header = h.COMPOSE.read_text().split("\nservices:")[0]
     figures = header.split("Memory limits")[1].split("\n", 1)[1].split("#   total without profiles")[0]
     figures += header.split("`load` profile")[1].split(":")[0]
-    listed = {m.group(1): int(m.group(2)) for m in re.finditer(r"([a-z0-9-]+) (\d+)", figures)}
+    listed = {m.group(1): int(m.group(2)) for m in re.finditer(r"([a-z0-9_-]+) (\d+)", figures)}
     assert listed == limits, "the header's per-container figures match the mem_limits"
     default = sum(v for name, v in limits.items() if "profiles" not in services[name])
     everything = sum(limits.values())

@@ -32,9 +32,10 @@ def test_every_service_is_in_compose_and_in_the_base(name: str) -> None:
     assert name in compose, f"compose.yaml has no service {name}"
     assert compose[name]["command"] == ["python", "-m", f"services.{name}"]
     assert compose[name]["build"]["dockerfile"] == "Dockerfile"
-    deployments = h.by_kind(h.base_resources(), "Deployment")
-    assert name in deployments, f"deploy/k8s/base has no Deployment {name}"
-    container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+    kind, k8s = h.workload_kind(name), h.k8s_name(name)
+    workloads = h.by_kind(h.base_resources(), kind)
+    assert k8s in workloads, f"deploy/k8s/base has no {kind} {k8s}"
+    container = workloads[k8s]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", f"services.{name}"]
     assert container["image"] == "reelbus"
 
@@ -44,7 +45,7 @@ def test_required_settings_are_set(name: str) -> None:
     required = h.required_env(name)
     env = h.compose()["services"][name]["environment"]
     assert required <= set(env), f"compose {name} misses {sorted(required - set(env))}"
-    kenv = k8s_env(h.by_kind(h.base_resources(), "Deployment")[name])
+    kenv = k8s_env(h.workload(h.base_resources(), name))
     assert required <= set(kenv), f"k8s {name} misses {sorted(required - set(kenv))}"
 
 
@@ -55,7 +56,7 @@ def test_every_variable_names_a_setting(name: str) -> None:
     prefix = str(cls.model_config.get("env_prefix", "")).upper()
     fields = {prefix + f.upper() for f in cls.model_fields}
     env = h.compose()["services"][name]["environment"]
-    kenv = k8s_env(h.by_kind(h.base_resources(), "Deployment")[name])
+    kenv = k8s_env(h.workload(h.base_resources(), name))
     for key in set(env) | set(kenv):
         if key.startswith(prefix):
             assert key in fields, f"{name}: {key} is no setting of {cls.__module__}.Settings"
@@ -72,7 +73,11 @@ def test_compose_environment_is_the_native_one(name: str) -> None:
 @pytest.mark.parametrize("name", [s for s in SERVICES if h.in_stack(s)])
 def test_k8s_environment_is_the_native_one(name: str) -> None:
     expected = h.expected_container_env(name)
-    kenv = k8s_env(h.by_kind(h.base_resources(), "Deployment")[name])
+    kenv = k8s_env(h.workload(h.base_resources(), name))
+    downward = h.NODE_AGENT_ENV.get(name, {}) if name in h.NODE_AGENTS else {}
+    for key, path in downward.items():  # a node agent's node, from the downward API only
+        assert key not in expected
+        assert kenv.pop(key) == {"fieldRef": {"fieldPath": path}}
     assert set(kenv) - EXTRA_ENV == set(expected)
     instance = next(k for k in expected if k.endswith("_INSTANCE_ID"))
     assert kenv.pop(instance) == {"fieldRef": {"fieldPath": "metadata.name"}}, "unique per replica"
@@ -88,12 +93,12 @@ def test_ports_agree(name: str) -> None:
         assert port == stack.service(name).default_port
     assert f"127.0.0.1:{port}:{port}" in h.compose()["services"][name]["ports"]
     docs = h.base_resources()
-    container = h.by_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]["containers"][0]
-    assert k8s_env(h.by_kind(docs, "Deployment")[name])[f"{prefix}HTTP_PORT"] == str(port)
+    container = h.workload(docs, name)["spec"]["template"]["spec"]["containers"][0]
+    assert k8s_env(h.workload(docs, name))[f"{prefix}HTTP_PORT"] == str(port)
     assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
-    service = h.by_kind(docs, "Service")[name]
+    service = h.by_kind(docs, "Service")[h.k8s_name(name)]
     assert service["spec"]["ports"][0]["port"] == port
-    assert service["spec"]["selector"] == {"app.kubernetes.io/name": name}
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": h.k8s_name(name)}
 
 
 LISTENS = {
@@ -110,14 +115,21 @@ LISTENS = {
 
 def test_every_address_names_a_deployed_host_and_port() -> None:
     """host:port pairs (and <X>_HOST(S)/<X>_PORT pairs) in the services' variables point at compose
-    services on ports they listen on, and the base uses the same Service names."""
+    services on ports they listen on; in the base, at its Services (Kubernetes names) or at the
+    infrastructure, on the ports those Services serve."""
     compose = h.compose()["services"]
     listens = dict(LISTENS)
     for name in SERVICES:
         listens[name] = {int(compose[name]["environment"][f"{name.upper()}_HTTP_PORT"])}
-    deployments = h.by_kind(h.base_resources(), "Deployment")
+    docs = h.base_resources()
+    k8s_listens = dict(LISTENS)
+    for service_name, service in h.by_kind(docs, "Service").items():
+        k8s_listens[service_name] = {p["port"] for p in service["spec"]["ports"]}
     for name in SERVICES:
-        for env in (compose[name]["environment"], k8s_env(deployments[name])):
+        for env, hosts in (
+            (compose[name]["environment"], listens),
+            (k8s_env(h.workload(docs, name)), k8s_listens),
+        ):
             pairs = [
                 (m.group(1), int(m.group(2)), key)
                 for key, value in env.items()
@@ -128,15 +140,21 @@ def test_every_address_names_a_deployed_host_and_port() -> None:
                 if stem != key and f"{stem}_PORT" in env and not key.endswith("_HTTP_HOST"):
                     pairs.append((str(value), int(env[f"{stem}_PORT"]), key))
             for host, port, key in pairs:
-                assert host in compose, f"{name} {key}: no compose service {host}"
-                assert port in listens[host], f"{name} {key}: {host} does not listen on {port}"
+                assert host in hosts, f"{name} {key}: no service {host}"
+                assert port in hosts[host], f"{name} {key}: {host} does not listen on {port}"
+                if hosts is listens:
+                    assert host in compose, f"{name} {key}: no compose service {host}"
 
 
 def test_keda_triggers_name_declared_topics_consumed_by_their_service() -> None:
+    """A ScaledObject is named after its service's Kubernetes name, which is also its consumer group
+    and the consumer topics/topics.yaml declares for each topic it measures."""
     topics = h.topics()
     scaled = h.by_kind(h.base_resources(), "ScaledObject")
     assert scaled, "a ScaledObject per Kafka consumer"
+    k8s_names = {h.k8s_name(n) for n in SERVICES}
     for name, obj in scaled.items():
+        assert name in k8s_names, f"ScaledObject {name} is no service's Kubernetes name"
         kafka = [t for t in obj["spec"]["triggers"] if t["type"] == "kafka"]
         assert kafka, f"{name}: no kafka lag trigger"
         for trigger in kafka:
@@ -145,18 +163,32 @@ def test_keda_triggers_name_declared_topics_consumed_by_their_service() -> None:
             assert name in topics[topic]["consumers"], f"{name} is no consumer of {topic} in topics.yaml"
             assert trigger["metadata"]["consumerGroup"] == name
             assert trigger["metadata"]["bootstrapServers"] == "kafka:9092"
+        assert len({t["metadata"]["topic"] for t in kafka}) == len(kafka), f"{name}: a topic twice"
 
 
 def test_consumers_with_a_shared_group_have_a_scaled_object() -> None:
-    """playback and history consume in one group named after the service; catalog's group is per
-    replica (every replica sees every change), so lag does not measure its load."""
+    """playback and history consume in one group named after the service; the stream services
+    (anomaly_detector, recommender) in their faust app id, their Kubernetes name, with an agent per
+    topic. catalog's group is per replica (every replica sees every change), so lag does not measure
+    its load."""
+    from services.anomaly_detector import app as anomaly
     from services.history.app import CONSUMES as HISTORY
     from services.playback.app import CONSUMES as PLAYBACK
+    from services.recommender import app as recommender
+    from services.recommender.handlers import VIEWS
 
     scaled = h.by_kind(h.base_resources(), "ScaledObject")
-    for name, consumes in (("playback", PLAYBACK), ("history", HISTORY)):
-        topics = {t["metadata"]["topic"] for t in scaled[name]["spec"]["triggers"] if t["type"] == "kafka"}
-        assert topics == set(consumes)
+    groups = {
+        "playback": ("playback", set(PLAYBACK)),
+        "history": ("history", set(HISTORY)),
+        "anomaly_detector": (anomaly.NAME, {*anomaly.INPUTS, *anomaly.ROUTES.values()}),
+        "recommender": (recommender.NAME, {VIEWS}),
+    }
+    for name, (group, consumes) in groups.items():
+        assert group == h.k8s_name(name), f"{name}: its consumer group is {group}"
+        triggers = [t for t in scaled[h.k8s_name(name)]["spec"]["triggers"] if t["type"] == "kafka"]
+        assert {t["metadata"]["topic"] for t in triggers} == consumes, name
+        assert {t["metadata"]["consumerGroup"] for t in triggers} == {group}, name
 
 
 def test_gateway_routes_reach_their_upstreams() -> None:
@@ -170,14 +202,17 @@ def test_gateway_routes_reach_their_upstreams() -> None:
         for peer in rule["to"]
         for port in rule["ports"]
     }
+    kenv = k8s_env(h.workload(docs, "gateway"))
     for upstream in {r.upstream for r in ROUTES}:
         url = compose[f"GATEWAY_{upstream.upper()}_URL"]
         port = int(url.rsplit(":", 1)[1])
         assert url == f"http://{upstream}:{port}"
-        assert (upstream, port) in reachable, f"NetworkPolicy: gateway cannot reach {upstream}:{port}"
-        ingress = policies[upstream]["spec"]["ingress"] if upstream in policies else []
+        k8s = h.k8s_name(upstream)  # the base's Service, pod label and policy for that package
+        assert kenv[f"GATEWAY_{upstream.upper()}_URL"] == f"http://{k8s}:{port}"
+        assert (k8s, port) in reachable, f"NetworkPolicy: gateway cannot reach {k8s}:{port}"
+        ingress = policies[k8s]["spec"]["ingress"] if k8s in policies else []
         assert any(
             peer.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "gateway"}
             for rule in ingress
             for peer in rule["from"]
-        ), f"NetworkPolicy: {upstream} does not admit the gateway"
+        ), f"NetworkPolicy: {k8s} does not admit the gateway"

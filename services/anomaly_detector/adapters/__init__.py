@@ -1,0 +1,1 @@
+"""The anomaly detector's adapters: its changelog-backed tables."""

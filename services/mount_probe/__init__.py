@@ -1,0 +1,1 @@
+"""The mount-stall node agent: container-start mount sequences, for real, in private mount namespaces."""
