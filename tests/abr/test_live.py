@@ -106,6 +106,17 @@ async def dropped(redis: Redis, abr: Abr, session_id: uuid.UUID, reason: str, va
     await counted(abr, "abr_dropped_samples", value, reason=reason)
 
 
+async def session_known(redis: Redis, abr: Abr, session_id: uuid.UUID) -> None:
+    """SessionStarted (on playback.events) reached the read model. Samples sent straight to
+    telemetry.bitrate, another topic, could otherwise be consumed first and dropped as
+    unknown_session (the telemetry route itself refuses a session it does not know)."""
+
+    async def known() -> bool:
+        return "info" in await read_model(redis, abr, str(session_id))
+
+    await wait_for(known, "the session to reach the read model", 30.0, interval=0.05)
+
+
 async def test_live_decisions_equal_the_simulators_and_replays_change_nothing(
     start_abr: StartAbr, bus: Producer, redis: Redis
 ) -> None:
@@ -115,6 +126,7 @@ async def test_live_decisions_equal_the_simulators_and_replays_change_nothing(
         result = simulate(trace, make_algorithm(name))
         session, account, profile = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         await bus.send(PLAYBACK_EVENTS, str(session), started(session, account, profile))
+        await session_known(redis, abr, session)
         samples = [chunk_sample(session, profile, record) for record in result.records]
         live: list[int] = []
         for k in range(len(samples) - 1):
@@ -152,6 +164,7 @@ async def test_bad_unknown_and_stopped_samples_are_counted_and_dropped(
 
     session, profile = uuid.uuid4(), uuid.uuid4()
     await bus.send(PLAYBACK_EVENTS, str(session), started(session, uuid.uuid4(), profile))
+    await session_known(redis, abr, session)
     good = chunk_sample(session, profile, record)
     bad = [
         ("invalid", replace(good, throughput_kbps=-5, throughput_exact_kbps=None)),

@@ -219,6 +219,7 @@ async def test_each_kind_fires_on_planted_cases_and_redelivery_changes_nothing(
     assert all(e == by_id[e.event_id] for e in again), "a redelivered anomaly is the same record"
 
 
+@pytest.mark.timeout(300)  # the restart waits out the dead member's session, then recovers from changelogs
 async def test_killed_worker_recovers_its_tables_and_outputs_match(
     copies: Copies, producer: Producer, start_detector: Start
 ) -> None:
@@ -237,8 +238,12 @@ async def test_killed_worker_recovers_its_tables_and_outputs_match(
     await publish(producer, copies, events[half:])
     # A new pod (a new name, so a new static member; the dead one leaves at its session timeout) with
     # an empty data directory: its tables come from the changelogs only.
-    await start_detector("rocksdb-fresh", f"{NAME}-1")
-    await drained(copies, "the restarted service to commit every input", 90)
+    restarted = await start_detector("rocksdb-fresh", f"{NAME}-1")
+    try:
+        await drained(copies, "the restarted service to commit every input", 200)
+    except AssertionError:
+        print(restarted.output()[-20_000:])  # what the restarted worker was doing, for the report
+        raise
     assert kinds(await outputs(copies)) == want
 
 
