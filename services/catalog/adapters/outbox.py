@@ -19,11 +19,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
-from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from services.bus.contracts import Topic
 from services.bus.events import TitleChanged
+from services.bus.outbox import produce_in_trace
 from services.bus.producer import Delivered, Producer
 from services.catalog import metrics
 from services.catalog.adapters.store import OUTBOX_CHANNEL, RELAY_LOCK, OutboxEntry
@@ -126,11 +126,9 @@ class OutboxRelay:
             pending: list[asyncio.Future[Delivered]] = []
             for row in rows:
                 event = event_of(_json(row["payload"]))
-                token = otel_context.attach(propagate.extract(_json(row["trace"])))
-                try:
-                    pending.append(self.producer.produce(self.topic, row["key"], event))
-                finally:
-                    otel_context.detach(token)
+                pending.append(
+                    produce_in_trace(self.producer, self.topic, row["key"], event, _json(row["trace"]))
+                )
             await asyncio.gather(*pending)
             await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
         metrics.OUTBOX_PUBLISHED.inc(len(rows))

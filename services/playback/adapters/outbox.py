@@ -19,10 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaException
-from opentelemetry import context as otel_context
-from opentelemetry import propagate
 
 from services.bus.contracts import Contracts
+from services.bus.outbox import produce_in_trace
 from services.bus.producer import Delivered, DeliveryFailed, Producer
 from services.playback.adapters.db import TRANSIENT_DB_ERRORS, decode_outbox_event
 
@@ -96,14 +95,12 @@ class OutboxRelay:
             futures: list[asyncio.Future[Delivered]] = []
             for row in rows:
                 event = decode_outbox_event(row["event_type"], row["payload"])
-                parent = propagate.extract(json.loads(row["trace_context"]))
-                token = otel_context.attach(parent)
-                try:
-                    futures.append(
-                        self.producer.produce(self.contracts.topic(row["topic"]), row["key"], event)
+                topic = self.contracts.topic(row["topic"])
+                futures.append(
+                    produce_in_trace(
+                        self.producer, topic, row["key"], event, json.loads(row["trace_context"])
                     )
-                finally:
-                    otel_context.detach(token)
+                )
             results = await asyncio.gather(*futures, return_exceptions=True)
             failed = next((r for r in results if isinstance(r, BaseException)), None)
             if failed is not None:
