@@ -64,6 +64,18 @@ def http_json(url: str, timeout: float = 5.0) -> Any:
         return json.loads(resp.read())
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Quarantined tests (``@pytest.mark.quarantine(reason=...)``) fail intermittently for a cause not
+    yet found; they are skipped, with their reason shown, unless ``REELBUS_RUN_QUARANTINED=1``
+    (``make test-quarantined`` runs just them)."""
+    if os.environ.get("REELBUS_RUN_QUARANTINED") == "1":
+        return
+    for item in items:
+        mark = item.get_closest_marker("quarantine")
+        if mark is not None:
+            item.add_marker(pytest.mark.skip(reason=f"quarantined: {mark.kwargs.get('reason', '')}"))
+
+
 @pytest.fixture(scope="session")
 def layout() -> infra.Layout:
     return infra.Layout.from_env()
