@@ -250,7 +250,7 @@ class BusConsumer:
         """Stop fetching; the loop finishes the record in hand, commits, and returns."""
         self._stopping.set()
 
-    # -- rebalance (called by librdkafka inside consume(), on the worker thread) ----------
+    # -- rebalance (called by librdkafka inside consume(), on the loop or a worker thread) --
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned |= {(p.topic, p.partition) for p in partitions}
@@ -323,7 +323,14 @@ class BusConsumer:
                             wait = max(0.0, next_commit - time.monotonic())
                         else:
                             wait = max(interval, 0.01)
-                    batch = await asyncio.to_thread(self._fetch, consumer, wait)
+                    # What librdkafka has already fetched is taken here, without a thread hop (a
+                    # consume with no timeout returns at once); only waiting for records goes to a
+                    # worker thread. Either way the loop yields once per batch.
+                    batch = consumer.consume(self.config.batch_size, 0) if self._assigned else []
+                    if batch:
+                        await asyncio.sleep(0)
+                    else:
+                        batch = await asyncio.to_thread(self._fetch, consumer, wait)
                     if self._assigned and not self.assigned_event.is_set():
                         self.assigned_event.set()
                     await self._process_batch(batch)

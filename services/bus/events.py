@@ -1525,9 +1525,83 @@ class TitleView:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class UnconfirmedPrior:
+    """A title the profile watched before, paired with the new one."""
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.recommendations.UnconfirmedPrior"
+
+    #: Catalog id of the earlier title.
+    title_id: str
+    #: Event time of its latest viewing (UTC).
+    watched_at: datetime
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "title_id": self.title_id,
+            "watched_at": self.watched_at,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            title_id=record["title_id"],
+            watched_at=_as_datetime(record["watched_at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnconfirmedCoWatch:
+    """The co-watch record a counted viewing produced, kept with the state until the viewing's offset is
+    committed: a viewing redelivered after a crash sends it again (its output may not have reached the
+    broker, while this row did).
+    """
+
+    SCHEMA_NAME: ClassVar[str] = "reelbus.recommendations.UnconfirmedCoWatch"
+
+    #: Offset of the viewing in its partition of the viewings topic.
+    offset: int
+    #: Id of the co-watch record (derived from the viewing's id).
+    event_id: uuid.UUID
+    #: Event time of the viewing (UTC).
+    event_time: datetime
+    #: The title watched for the first time.
+    title_id: str
+    #: The earlier titles it was paired with, most recent first.
+    others: list[UnconfirmedPrior]
+    #: Region of the viewing, when the event carried one.
+    region: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
+        return {
+            "offset": self.offset,
+            "event_id": self.event_id,
+            "event_time": self.event_time,
+            "title_id": self.title_id,
+            "others": [v.to_record() for v in self.others],
+            "region": self.region,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Build from a decoded record; a missing key that has an Avro default takes that default."""
+        return cls(
+            offset=record["offset"],
+            event_id=_as_uuid(record["event_id"]),
+            event_time=_as_datetime(record["event_time"]),
+            title_id=record["title_id"],
+            others=[UnconfirmedPrior.from_record(v) for v in record["others"]],
+            region=record.get("region"),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProfileHistory:
     """The recommender's state of one profile (a table row, in its changelog topic): the titles it watched
-    recently, the ones it finished, and the viewings already counted.
+    recently, the ones it finished, the viewings already counted, and the co-watch records of viewings
+    whose offsets are not committed yet.
     """
 
     SCHEMA_NAME: ClassVar[str] = "reelbus.recommendations.ProfileHistory"
@@ -1544,6 +1618,9 @@ class ProfileHistory:
     finished: list[str]
     #: Event ids of the latest viewings counted, so a redelivered viewing changes nothing.
     seen_events: list[str]
+    #: Co-watch records of counted viewings whose offsets were not committed when this row was written, oldest
+    #: first.
+    unconfirmed: list[UnconfirmedCoWatch] = field(default_factory=list)
 
     def to_record(self) -> dict[str, Any]:
         """Plain dict for fastavro: enums as their symbol, nested records as dicts."""
@@ -1554,6 +1631,7 @@ class ProfileHistory:
             "views": [v.to_record() for v in self.views],
             "finished": self.finished,
             "seen_events": self.seen_events,
+            "unconfirmed": [v.to_record() for v in self.unconfirmed],
         }
 
     @classmethod
@@ -1566,6 +1644,7 @@ class ProfileHistory:
             views=[TitleView.from_record(v) for v in record["views"]],
             finished=record["finished"],
             seen_events=record["seen_events"],
+            unconfirmed=[UnconfirmedCoWatch.from_record(v) for v in record.get("unconfirmed", [])],
         )
 
 
@@ -2935,12 +3014,62 @@ def _read_title_view(data: bytes, pos: int) -> tuple[TitleView, int]:
     return made, pos
 
 
+def _write_unconfirmed_prior(out: bytearray, v: UnconfirmedPrior) -> None:
+    _w_str(out, v.title_id)
+    _w_timestamp_millis(out, v.watched_at)
+
+
+def _read_unconfirmed_prior(data: bytes, pos: int) -> tuple[UnconfirmedPrior, int]:
+    f_title_id, pos = _r_str(data, pos)
+    f_watched_at, pos = _r_timestamp_millis(data, pos)
+    made = UnconfirmedPrior(
+        title_id=f_title_id,
+        watched_at=f_watched_at,
+    )
+    return made, pos
+
+
+_W_UnconfirmedCoWatch_others = wire.w_array(_write_unconfirmed_prior)
+_R_UnconfirmedCoWatch_others = wire.r_array(_read_unconfirmed_prior)
+_W_UnconfirmedCoWatch_region = wire.w_optional(0, _w_str)
+_R_UnconfirmedCoWatch_region = wire.r_optional(0, _r_str)
+
+
+def _write_unconfirmed_co_watch(out: bytearray, v: UnconfirmedCoWatch) -> None:
+    _w_long(out, v.offset)
+    _w_uuid(out, v.event_id)
+    _w_timestamp_millis(out, v.event_time)
+    _w_str(out, v.title_id)
+    _W_UnconfirmedCoWatch_others(out, v.others)
+    _W_UnconfirmedCoWatch_region(out, v.region)
+
+
+def _read_unconfirmed_co_watch(data: bytes, pos: int) -> tuple[UnconfirmedCoWatch, int]:
+    f_offset, pos = _r_long(data, pos)
+    f_event_id, pos = _r_uuid(data, pos)
+    f_event_time, pos = _r_timestamp_millis(data, pos)
+    f_title_id, pos = _r_str(data, pos)
+    f_others, pos = _R_UnconfirmedCoWatch_others(data, pos)
+    f_region, pos = _R_UnconfirmedCoWatch_region(data, pos)
+    made = UnconfirmedCoWatch(
+        offset=f_offset,
+        event_id=f_event_id,
+        event_time=f_event_time,
+        title_id=f_title_id,
+        others=f_others,
+        region=f_region,
+    )
+    return made, pos
+
+
 _W_ProfileHistory_views = wire.w_array(_write_title_view)
 _R_ProfileHistory_views = wire.r_array(_read_title_view)
 _W_ProfileHistory_finished = wire.w_array(_w_str)
 _R_ProfileHistory_finished = wire.r_array(_r_str)
 _W_ProfileHistory_seen_events = wire.w_array(_w_str)
 _R_ProfileHistory_seen_events = wire.r_array(_r_str)
+_W_ProfileHistory_unconfirmed = wire.w_array(_write_unconfirmed_co_watch)
+_R_ProfileHistory_unconfirmed = wire.r_array(_read_unconfirmed_co_watch)
 
 
 def _write_profile_history(out: bytearray, v: ProfileHistory) -> None:
@@ -2950,6 +3079,7 @@ def _write_profile_history(out: bytearray, v: ProfileHistory) -> None:
     _W_ProfileHistory_views(out, v.views)
     _W_ProfileHistory_finished(out, v.finished)
     _W_ProfileHistory_seen_events(out, v.seen_events)
+    _W_ProfileHistory_unconfirmed(out, v.unconfirmed)
 
 
 def _read_profile_history(data: bytes, pos: int) -> tuple[ProfileHistory, int]:
@@ -2959,6 +3089,7 @@ def _read_profile_history(data: bytes, pos: int) -> tuple[ProfileHistory, int]:
     f_views, pos = _R_ProfileHistory_views(data, pos)
     f_finished, pos = _R_ProfileHistory_finished(data, pos)
     f_seen_events, pos = _R_ProfileHistory_seen_events(data, pos)
+    f_unconfirmed, pos = _R_ProfileHistory_unconfirmed(data, pos)
     made = ProfileHistory(
         event_id=f_event_id,
         event_time=f_event_time,
@@ -2966,6 +3097,7 @@ def _read_profile_history(data: bytes, pos: int) -> tuple[ProfileHistory, int]:
         views=f_views,
         finished=f_finished,
         seen_events=f_seen_events,
+        unconfirmed=f_unconfirmed,
     )
     return made, pos
 
@@ -3397,7 +3529,7 @@ AVRO_CODECS: dict[str, wire.Codec] = {
         _read_co_watched,
     ),
     ProfileHistory.SCHEMA_NAME: wire.Codec(
-        "291803be5e8074800031cef1358d2b1b",
+        "a24400548b458260e874348bf30a9136",
         _write_profile_history,
         _read_profile_history,
     ),

@@ -7,6 +7,7 @@ first time a consumer meets an unknown schema id. The hot paths never call it: i
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -38,11 +39,25 @@ class RegisteredSchema:
 
 
 class RegistryClient:
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, timeout: float = 5.0, attempts: int = 3) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.attempts = attempts
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
+        """One call, tried up to ``attempts`` times while the registry does not answer (a JVM pause
+        on a busy machine outlasts one timeout). Every call is safe to repeat: the reads, and the
+        registrations, which give a schema registered twice the same id."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._call_once(method, path, body)
+            except RegistryUnavailable:
+                if attempt == self.attempts:
+                    raise
+                time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
+
+    def _call_once(self, method: str, path: str, body: Any) -> Any:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.url + path,

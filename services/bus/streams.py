@@ -50,9 +50,10 @@ from typing import Any
 import faust
 from aiohttp import web
 from faust.serializers.codecs import Codec
+from faust.transport.drivers.aiokafka import ensure_aiokafka_TP
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from pydantic import Field
 
 from services.bus import metrics
@@ -83,6 +84,10 @@ SKIPPED = Counter(
     ["topic", "reason"],
 )
 REPLICA_APPLIED = Counter("reelbus_replica_applied_total", "Records folded into a replica", ["topic"])
+UNCOMMITTED = Gauge(
+    "reelbus_stream_uncommitted_seconds",
+    "Seconds since a stream app last advanced its committed offsets while handled records waited",
+)
 
 
 class StreamSettings(BusSettings):
@@ -186,7 +191,63 @@ def make_app(
         "producer_max_batch_size": 1_000_000,
     }
     conf.update(overrides)
-    return faust.App(app_id, **conf)
+    app = faust.App(app_id, **conf)
+    _seek_before_resuming(app)
+    return app
+
+
+def _seek_before_resuming(app: faust.App) -> None:
+    """Close a race in faust-streaming 0.15.3's recovery (its issue 596). Once a worker's tables are
+    recovered, ``Recovery.on_recovery_completed`` (``_resume_streams`` without tables) resumes the
+    stream partitions, then awaits their seek to the committed offsets, then clears the agents'
+    queues and resumes the flow. Records fetched in between are queued and then cleared unprocessed,
+    while the fetcher has already moved past them: they are never fetched again, never acked, and no
+    offset of their partition is committed past them (the stall seen in CI: the restarted worker went
+    on with later records and committed nothing). Here the stream partitions stay paused through that
+    method and are resumed when it is done: sought, queues cleared, flow resumed."""
+    recovery: Any = app.tables.recovery  # type: ignore[attr-defined]
+    for name in ("on_recovery_completed", "_resume_streams"):
+        original = getattr(recovery, name)
+
+        async def guarded(generation_id: int = 0, _original: Any = original) -> None:
+            consumer: Any = app.consumer
+            _seek_uncommitted_to_the_start(app, consumer)
+            held: set[Any] = set()
+            consumer.resume_partitions = held.update  # for the duration of faust's method
+            try:
+                await _original(generation_id)
+            finally:
+                del consumer.resume_partitions  # faust's own method again
+            if held and app.consumer_generation_id == generation_id:
+                consumer.resume_partitions(held & consumer.assignment())
+
+        setattr(recovery, name, guarded)
+
+
+def _seek_uncommitted_to_the_start(app: faust.App, consumer: Any) -> None:
+    """Make faust's "seek to the committed offsets" seek the input partitions that have no committed
+    offset too: to their start (``consumer_auto_offset_reset`` is earliest). aiokafka's
+    ``seek_to_committed`` leaves their position where it is, so records fetched and then dropped
+    before the seek (a batch cut short when the flow stops, queues cleared on resume) were lost for
+    good on such a partition, while on a committed one the seek brings them back (seen after a kill
+    -9: two partitions that the dead worker never committed stayed unread). Installed once."""
+    if getattr(consumer, "_reelbus_seek_installed", False):
+        return
+    original = consumer.seek_to_committed
+
+    async def seek_to_committed() -> Any:
+        committed = await original()
+        if str(app.conf.consumer_auto_offset_reset) == "earliest":
+            changelogs = set(app.tables.changelog_topics)
+            fresh = [
+                tp for tp in consumer.assignment() if tp.topic not in changelogs and not committed.get(tp)
+            ]
+            if fresh:  # faust's consumer thread, with aiokafka's partition type
+                await consumer._thread.seek_to_beginning(*(ensure_aiokafka_TP(tp) for tp in fresh))
+        return committed
+
+    consumer.seek_to_committed = seek_to_committed
+    consumer._reelbus_seek_installed = True
 
 
 @dataclass
@@ -298,6 +359,14 @@ class StreamBus:
             await self.dead_letter(event, "decode", reason, type(exc).__name__)
             return None
         return key, value
+
+    def committed(self, event: Any) -> int | None:
+        """The offset faust last committed for the partition of ``event``'s record (None if none yet).
+        Faust flushes its producer before every commit, so every output of the records before that
+        offset is on the broker. (faust's ``Consumer._committed_offset``: faust-streaming is pinned.)"""
+        consumer: Any = self.app.consumer
+        found: int | None = consumer._committed_offset.get(event.message.tp)
+        return found
 
     @contextlib.contextmanager
     def consuming(self, event: Any, decoded: AvroEvent | None = None) -> Iterator[Span]:
@@ -526,6 +595,126 @@ class Replica:
         return self._caught_up(await self._ends())
 
 
+# -- the commit watchdog -----------------------------------------------------------------------------
+
+
+def _stack_of(task: asyncio.Task[Any]) -> str:
+    frames = task.get_stack(limit=12)
+    return "".join(traceback.format_list(traceback.extract_stack(frames[-1]))) if frames else "(no frames)"
+
+
+class CommitWatchdog:
+    """Says, with what is needed to tell why, when a faust app holds handled (acked) records but has
+    not advanced its committed offsets for ``after`` seconds (faust commits nothing past an offset that
+    was never acked, returns quietly from a commit the group refused, and one commit that never
+    finishes holds every later one back), or when its input partitions have records beyond the
+    committed offsets while neither what it read nor what it committed moved for ``after`` seconds."""
+
+    def __init__(self, app: faust.App, after: float, every: float = 1.0) -> None:
+        self.app = app
+        self.after = after
+        self.every = every
+        self.stalled_for = 0.0
+        self._last: dict[Any, int | None] = {}
+        self._since = time.monotonic()
+        self._reported = 0.0
+        self._moved: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
+        self._moved_at = time.monotonic()
+        self._behind_reported = 0.0
+
+    def state(self) -> dict[str, Any]:
+        """The consumer's commit bookkeeping (faust's private attributes: diagnostics only)."""
+        consumer: Any = self.app.consumer
+        thread = getattr(consumer, "_thread", None)
+        coordinator = getattr(getattr(thread, "_consumer", None), "_coordinator", None)
+        commit_fut = getattr(consumer, "_commit_fut", None)
+        return {
+            "assignment": sorted(str(tp) for tp in consumer.assignment()),
+            "committed": {str(tp): off for tp, off in consumer._committed_offset.items()},
+            "read": {str(tp): off for tp, off in consumer._read_offset.items()},
+            "acked_head": {str(tp): sorted(a)[:5] for tp, a in consumer._acked.items() if a},
+            "acked_count": {str(tp): len(a) for tp, a in consumer._acked.items() if a},
+            "gaps": {str(tp): str(g) for tp, g in consumer._gap.items() if g},
+            "unacked": sorted((str(m.tp), m.offset, m.refcount) for m in list(consumer._unacked_messages))[
+                :10
+            ],
+            "commit_in_flight": commit_fut is not None and not commit_fut.done(),
+            "rebalancing": self.app.rebalancing,
+            "in_recovery": in_recovery(self.app),
+            "generation": getattr(coordinator, "generation", None),
+            "member_id": getattr(coordinator, "member_id", None),
+            "paused": sorted(str(tp) for tp in consumer._paused_partitions),
+            "flow_active": consumer.flow_active,
+        }
+
+    async def behind(self, now: float) -> dict[str, tuple[int | None, int]]:
+        """Input partitions with records past the committed offset while nothing moved for ``after``
+        seconds (logged, at most every ``after`` seconds): ``{partition: (committed, end)}``."""
+        consumer: Any = self.app.consumer
+        moved = (dict(consumer._read_offset), dict(consumer._committed_offset))
+        if moved != self._moved:
+            self._moved, self._moved_at = moved, now
+            return {}
+        if now - self._moved_at < self.after or now - self._behind_reported < self.after:
+            return {}
+        changelogs = set(self.app.tables.changelog_topics)
+        inputs = [tp for tp in consumer.assignment() if tp.topic not in changelogs]
+        if not inputs or self.app.rebalancing or in_recovery(self.app):
+            return {}
+        ends = await consumer.highwaters(*inputs)
+        committed = consumer._committed_offset
+        found = {
+            str(tp): (committed.get(tp), int(end))
+            for tp, end in ends.items()
+            if end is not None and int(end) > (committed.get(tp) or 0)
+        }
+        if found:
+            self._behind_reported = now
+            log.warning(
+                "input partitions behind while nothing was read or committed for %.0fs: %s; %s",
+                now - self._moved_at,
+                found,
+                self.state(),
+            )
+        return found
+
+    def check(self, now: float) -> bool:
+        """One look; True if it is stalled (and then logged, at most every ``after`` seconds)."""
+        consumer: Any = self.app.consumer
+        committed = dict(consumer._committed_offset)
+        waiting = any(consumer._acked.values())
+        if committed != self._last or not waiting:
+            self._last = committed
+            self._since = now
+        self.stalled_for = now - self._since if waiting else 0.0
+        UNCOMMITTED.set(self.stalled_for)
+        if self.stalled_for < self.after:
+            return False
+        if now - self._reported >= self.after:
+            self._reported = now
+            stacks = "\n".join(
+                f"--- task {t.get_name()}:\n{_stack_of(t)}"
+                for t in asyncio.all_tasks()
+                if "commit" in repr(t.get_coro()).lower()
+            )
+            log.warning(
+                "no offsets committed for %.0fs while handled records wait: %s\n%s",
+                self.stalled_for,
+                self.state(),
+                stacks,
+            )
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            try:
+                self.check(time.monotonic())
+                await self.behind(time.monotonic())
+            except Exception as exc:  # diagnostics must not take the service down
+                log.debug("commit watchdog: %r", exc)
+
+
 # -- the runtime ---------------------------------------------------------------------------------------
 
 
@@ -632,6 +821,8 @@ class StreamService:
             await replica.ready.wait()
         await asyncio.to_thread(Path(str(self.spec.app.conf.datadir)).mkdir, parents=True, exist_ok=True)
         await self.spec.app.start()
+        watchdog = CommitWatchdog(self.spec.app, after=max(15.0, 10 * self.settings.commit_interval_seconds))
+        self._tasks["commit-watchdog"] = asyncio.create_task(watchdog.run(), name="commit-watchdog")
         self._started = True
         self._started_event.set()
         log.info("%s: faust app %s started", self.spec.name, self.spec.app.conf.id)
@@ -728,6 +919,8 @@ def serve_stream(build: Callable[[], StreamSpec], settings: StreamSettings, name
     setup_logging(name, settings.log_level)
     for noisy in ("faust", "mode", "aiokafka"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Group joins, assignments and refused commits are rare and what an SRE needs after a restart.
+    logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.getLogger().level)
     provider = setup_tracing(name)
 
     async def main() -> int:

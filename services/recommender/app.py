@@ -83,7 +83,7 @@ def build_spec(settings: Settings, contracts: Contracts | None = None) -> Stream
             with bus.consuming(event, value):
                 if isinstance(value, ViewRecorded):
                     try:
-                        await handlers.on_view(value, deps)
+                        await handlers.on_view(value, deps, event.message.offset, bus.committed(event))
                     except Exception as exc:  # a bug: crash loudly, the offset is not committed
                         log.exception("the views agent failed on %s", value.event_id)
                         await app.crash(exc)

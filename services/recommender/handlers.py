@@ -2,7 +2,9 @@
 
 ``on_view`` folds a viewing into the profile's row of the ``profiles`` table (a RocksDB table with a
 declared changelog), sends the co-watch record of a first viewing to ``recommender.cowatch`` and
-publishes the profile's list when it changed. Every worker folds all of ``recommender.cowatch`` into
+publishes the profile's list when it changed. The row keeps that co-watch record until the viewing's
+offset is committed, and a redelivered viewing sends it again (``scoring.hold``): a crash between the
+changelog record and the output record loses nothing. Every worker folds all of ``recommender.cowatch`` into
 the same model (a replica); while it moves, ``refresh`` re-ranks this worker's profiles and publishes
 the lists that changed. A published list's id depends only on its content, so a repeat is the same
 record on a compacted topic (idempotent). The algorithm itself is in ``scoring`` (pure).
@@ -58,7 +60,10 @@ async def _known(present: bool, replica: Replica | None, sync_seconds: float, ch
     return bool(check())
 
 
-async def on_view(event: ViewRecorded, deps: Dependencies) -> None:
+async def on_view(
+    event: ViewRecorded, deps: Dependencies, offset: int | None = None, committed: int | None = None
+) -> None:
+    """Fold a viewing (at ``offset`` of its partition, whose committed offset is ``committed``)."""
     span = trace.get_current_span()
     span.set_attribute(ATTR_PROFILE_ID, str(event.profile_id))
     span.set_attribute(ATTR_TITLE_ID, event.title_id)
@@ -86,10 +91,19 @@ async def on_view(event: ViewRecorded, deps: Dependencies) -> None:
         event_time_ms=scoring.ms(event.event_time),
         completed=event.completed,
     )
-    state, cowatched = scoring.apply_view(deps.table.get(key), view, deps.model.params)
+    before = deps.table.get(key)
+    state, cowatched = scoring.apply_view(before, view, deps.model.params)
     if state is None:
+        again = scoring.unconfirmed(before, view.event_id)
+        if again is not None:  # counted, but its offset was not committed: its output may be lost
+            await deps.bus.send(COWATCH, key, again)
+            deps.bus.stats.add("cowatch_resent")
         deps.bus.skip(topic, "duplicate", f"event {event.event_id} was already counted")
         return
+    if offset is not None:
+        state = scoring.confirm(state, committed)
+        if cowatched is not None:
+            state = scoring.hold(state, offset, cowatched, deps.model.params)
     deps.table[key] = state
     if cowatched is not None:
         await deps.bus.send(COWATCH, key, cowatched)

@@ -25,7 +25,7 @@ import hashlib
 import heapq
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from services.bus.events import (
@@ -35,6 +35,8 @@ from services.bus.events import (
     ProfileRecommendations,
     RecommendedItem,
     TitleView,
+    UnconfirmedCoWatch,
+    UnconfirmedPrior,
 )
 
 T0_MS = 946_684_800_000  # 2000-01-01T00:00:00Z: weights are 2 ** (half-lives since then)
@@ -58,6 +60,7 @@ class Params:
     trending_window_hours: int = 7 * 24
     finished_kept: int = 1000
     seen_events_kept: int = 200
+    unconfirmed_kept: int = 64  # co-watch records a row keeps until their viewings' offsets are committed
 
     @property
     def half_life_ms(self) -> int:
@@ -151,8 +154,55 @@ def apply_view(
         views=views[: params.history],
         finished=finished,
         seen_events=seen,
+        unconfirmed=state.unconfirmed,
     )
     return new, cowatched
+
+
+# -- co-watch records not yet confirmed by a commit ------------------------------------------------
+# The row of a profile and the co-watch record of its viewing leave the processor as two records (the
+# changelog's and the output's); a crash can land the first without the second. The row therefore
+# keeps the co-watch records of its viewings until their offsets are committed (faust flushes every
+# output before it commits), and a redelivered viewing sends its record again: the model drops the
+# copy by its event id.
+
+
+def hold(state: ProfileHistory, offset: int, cowatched: CoWatched, params: Params) -> ProfileHistory:
+    """``state`` keeping ``cowatched`` (of the viewing at ``offset``) until that offset is committed."""
+    kept = UnconfirmedCoWatch(
+        offset=offset,
+        event_id=cowatched.event_id,
+        event_time=cowatched.event_time,
+        title_id=cowatched.title_id,
+        others=[UnconfirmedPrior(title_id=o.title_id, watched_at=o.watched_at) for o in cowatched.others],
+        region=cowatched.region,
+    )
+    return replace(state, unconfirmed=[*state.unconfirmed, kept][-params.unconfirmed_kept :])
+
+
+def confirm(state: ProfileHistory, committed: int | None) -> ProfileHistory:
+    """``state`` without the co-watch records of viewings before the committed offset ``committed``."""
+    if committed is None or not state.unconfirmed:
+        return state
+    return replace(state, unconfirmed=[u for u in state.unconfirmed if u.offset >= committed])
+
+
+def unconfirmed(state: ProfileHistory | None, view_event_id: str) -> CoWatched | None:
+    """The co-watch record the counted viewing ``view_event_id`` produced, if not yet confirmed."""
+    if state is None:
+        return None
+    wanted = uuid.uuid5(COWATCH_IDS, view_event_id)
+    for kept in state.unconfirmed:
+        if kept.event_id == wanted:
+            return CoWatched(
+                event_id=kept.event_id,
+                event_time=kept.event_time,
+                profile_id=state.profile_id,
+                title_id=kept.title_id,
+                others=[PriorView(title_id=o.title_id, watched_at=o.watched_at) for o in kept.others],
+                region=kept.region,
+            )
+    return None
 
 
 @dataclass

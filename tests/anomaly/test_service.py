@@ -34,12 +34,6 @@ PREFIX_ENV = "ANOMALY_DETECTOR_"
 ANOMALIES = "anomalies.detected"
 
 
-QUARANTINE_REASON = (
-    "a Faust worker restarted after kill -9 sometimes commits nothing for minutes (seen in 2 of 4 CI"
-    " runs on 2026-11-26, never locally in 9 runs); cause not found"
-)
-
-
 @dataclass
 class Copies:
     """Private copies of every topic the service uses (its changelogs included), under one prefix."""
@@ -226,7 +220,6 @@ async def test_each_kind_fires_on_planted_cases_and_redelivery_changes_nothing(
 
 
 @pytest.mark.timeout(300)  # the restart waits out the dead member's session, then recovers from changelogs
-@pytest.mark.quarantine(reason=QUARANTINE_REASON)
 async def test_killed_worker_recovers_its_tables_and_outputs_match(
     copies: Copies, producer: Producer, start_detector: Start
 ) -> None:

@@ -31,12 +31,6 @@ LOG = offline.synthetic(500, users=40, clusters=5, per_cluster=8, seed=11)
 SPLIT = offline.leave_last_out(LOG)
 
 
-QUARANTINE_REASON = (
-    "a Faust worker restarted after kill -9 sometimes commits nothing for minutes (seen in 2 of 4 CI"
-    " runs on 2026-11-26, never locally in 9 runs); cause not found"
-)
-
-
 def part(split: offline.Split, start: int, end: int | None = None) -> offline.Split:
     return replace(split, train=split.train[start:end])
 
@@ -70,7 +64,11 @@ async def idle(layout: Layout, topics: Topics, *workers: Worker, timeout: float 
                 return False
         return True
 
-    await wait_for(probe, "the workers to be idle", timeout, 0.5)
+    try:
+        await wait_for(probe, "the workers to be idle", timeout, 0.5)
+    except AssertionError as exc:
+        logs = "\n".join(f"--- worker log:\n{w.process.output()[-6000:]}" for w in workers)
+        raise AssertionError(f"{exc}\n{logs}") from None
 
 
 def committed_any(layout: Layout, topics: Topics) -> bool:
@@ -111,7 +109,6 @@ async def test_streamed_lists_equal_the_batch(
     assert got == want
 
 
-@pytest.mark.quarantine(reason=QUARANTINE_REASON)
 async def test_a_worker_killed_mid_stream_rebuilds_its_table_from_the_changelog(
     bus_infra: Layout, topics: Topics, start_recommender: StartRecommender, token: str
 ) -> None:

@@ -68,6 +68,29 @@ def test_a_redelivered_viewing_changes_nothing_and_finished_titles_are_not_offer
     assert [(i.title_id, i.reason) for i in items] == [("b", "because_you_watched:a")]
 
 
+def test_a_row_keeps_its_co_watch_records_until_their_offsets_are_committed() -> None:
+    """A crash can land a row's changelog record without the co-watch record of the same viewing:
+    the row keeps that record, so the redelivered viewing can send it again, until its offset commits."""
+    p = uuid.uuid4()
+    state = None
+    sent: list[CoWatched] = []
+    viewings = [View(str(uuid.uuid4()), p, t, T + n * 1000, completed=False) for n, t in enumerate("abc")]
+    for offset, view in enumerate(viewings, start=10):
+        new, cowatched = scoring.apply_view(state, view, PARAMS)
+        assert new is not None and cowatched is not None
+        state = scoring.hold(scoring.confirm(new, 11), offset, cowatched, PARAMS)
+        sent.append(cowatched)
+    assert state is not None
+    assert [u.offset for u in state.unconfirmed] == [11, 12], "offset 10 is below the committed 11"
+    assert scoring.unconfirmed(state, viewings[0].event_id) is None
+    assert scoring.unconfirmed(state, viewings[1].event_id) == sent[1]
+    assert scoring.unconfirmed(state, viewings[2].event_id) == sent[2]
+    assert scoring.confirm(state, 13).unconfirmed == []
+    assert scoring.confirm(state, None) == state
+    bounded = Params(unconfirmed_kept=1)
+    assert len(scoring.hold(state, 13, sent[2], bounded).unconfirmed) == 1
+
+
 def test_trending_counts_first_viewings_within_the_window_by_event_time() -> None:
     model = Model(Params(trending_window_hours=24))
     for n, (title, hours) in enumerate([("old", 0), ("x", 30), ("y", 40), ("y", 41), ("late", 1)]):
