@@ -305,6 +305,7 @@ async def charge_events(
             period_end=end,
             decline_reason=DeclineReason(reason if reason in DeclineReason.__members__ else "UNKNOWN"),
             attempt=1,
+            card_fingerprint=outcome.card_fingerprint,
         )
     await add_event(conn, EVENTS_TOPIC, str(account), event)
 

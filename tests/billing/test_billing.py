@@ -10,6 +10,7 @@ import uuid
 import aiohttp
 import pytest
 
+from services.billing.adapters.provider import card_fingerprint
 from services.bus.auth import TokenIssuer
 from services.bus.events import (
     PaymentFailed,
@@ -188,8 +189,11 @@ async def test_declined_timed_out_and_slow_cards(
     found = await events_once_sent(billing_db, database, who.account_id, since, 3)
     assert found == ["PaymentFailed", "SubscriptionStarted", "PaymentSucceeded"], found
     events = await billing_events(billing_db, who.account_id, since)
-    reasons = [str(e.decline_reason) for e in events if isinstance(e, PaymentFailed)]
-    assert reasons == ["CARD_DECLINED"]
+    failed = [e for e in events if isinstance(e, PaymentFailed)]
+    assert [str(e.decline_reason) for e in failed] == ["CARD_DECLINED"]
+    # The provider's fingerprint of the card, for the anomaly detector's declines per card.
+    assert [e.card_fingerprint for e in failed] == [card_fingerprint("tok_decline")]
+    assert card_fingerprint("tok_decline") != card_fingerprint("tok_ok")
     view = await call(http, "GET", f"{service.url}/v1/billing/accounts/{who.account_id}", token=who.token,
                       headers={"X-Read-Your-Writes": slow.headers["X-Write-GTID"]})  # fmt: skip
     assert view.body["status"] == "active"

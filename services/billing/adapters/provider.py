@@ -11,11 +11,16 @@ a row lock while it waits for the provider (a refund) can never starve the provi
 connection. It is idempotent by the key it is called with, as real providers are: its own table
 (``provider_operations``) records each capture and refund once, so a retried call answers the first
 outcome and never moves money twice.
+
+Like real providers it answers a charge with the card's fingerprint (:func:`card_fingerprint`): the
+same for the same card whichever account uses it, and not the token itself. Billing puts it on
+``PaymentFailed``; the anomaly detector counts declines per card by it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +37,12 @@ class ProviderTimeout(Exception):
 class Outcome:
     captured: bool
     decline_reason: str | None = None
+    card_fingerprint: str | None = None
+
+
+def card_fingerprint(card_token: str) -> str:
+    """The provider's fingerprint of the card behind a token: 16 hex digits of a salted SHA-256."""
+    return hashlib.sha256(b"reelbus-provider-card:" + card_token.encode()).hexdigest()[:16]
 
 
 class PaymentProvider:
@@ -56,9 +67,10 @@ class PaymentProvider:
             raise ProviderTimeout(
                 f"the payment provider did not answer within {self.timeout_seconds}s"
             ) from None
+        fingerprint = card_fingerprint(card_token)
         if recorded == "captured":
-            return Outcome(True)
-        return Outcome(False, recorded)
+            return Outcome(True, card_fingerprint=fingerprint)
+        return Outcome(False, recorded, fingerprint)
 
     async def refund(self, key: str, amount_cents: int) -> None:
         await self._record(key, "refund", "", amount_cents, "refunded")
