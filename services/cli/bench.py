@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import confluent_kafka
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import NewTopic
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -297,6 +297,8 @@ def render_table(result: BenchResult) -> str:
         f"{s['key_size']}-byte key and ~{s['header_bytes']} bytes of headers, ProducerPerformance's none.",
         "kafka consume = ConsumerPerformance fetch.nMsg.sec (group join excluded); "
         "reelbus consume = first handler call to last (the records of the first call not counted).",
+        "confluent-kafka reading value+key+headers = the Python client alone, touching each record's "
+        "value, key and headers once (no decoding): the most any Python consumer on it can reach here.",
     ]
     for name, raw in result.raw.items():
         lines.append(f"{name}: {raw}")
@@ -563,6 +565,39 @@ async def consume_events(
     return expected - first_size, last - first
 
 
+READER = "confluent-kafka, reading value+key+headers"
+
+
+def read_records(bootstrap_servers: str, topic_name: str, expected: int, group: str) -> tuple[int, float]:
+    """confluent-kafka's own floor for a Python consumer: consume in batches as the bus does and read
+    each record's value, key and headers, nothing more (no decoding, no handler, no commit). Blocking.
+    Returns the records after the first batch and the seconds from that batch to the last record."""
+    config = ConsumerConfig(bootstrap_servers, group_id=group, topics=[topic_name], client_id=group)
+    consumer = Consumer(config.librdkafka())
+    consumer.subscribe([topic_name])
+    try:
+        count = first_size = 0
+        first = 0.0
+        deadline = time.monotonic() + 60
+        while count < expected:
+            batch = consumer.consume(config.batch_size, 1.0)
+            if not batch:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"confluent-kafka reader: stopped at {count}/{expected} records")
+                continue
+            if count == 0:
+                first, first_size = time.perf_counter(), len(batch)
+            for msg in batch:
+                msg.value()
+                msg.key()
+                msg.headers()
+            count += len(batch)
+            deadline = time.monotonic() + 60
+        return count - first_size, time.perf_counter() - first
+    finally:
+        consumer.close()
+
+
 async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResult:
     check_bus(layout)
     machine = machine_info(layout)
@@ -577,7 +612,7 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
     contracts = base.with_topics([topic, warm])
     registry = RegistryClient(layout.registry_url)
     admin = Admin(layout.bootstrap_servers, registry)
-    groups = [f"bench-{run_id}-{name}" for name in ("kafka", "warmup", "bus")]
+    groups = [f"bench-{run_id}-{name}" for name in ("kafka", "warmup", "bus", "reader")]
     ours = [topic.name, topic.dlq, warm.name, warm.dlq, raw_topic]
     provider = _setup_tracing(opts.tracing, layout)
     source = HeartbeatSource()
@@ -754,6 +789,16 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
             tool = "reelbus BusConsumer" + (" (batched handler)" if opts.handler == "batch" else "")
             result.measurements.append(Measurement("consume", tool, counted, seconds, record_size))
             say(f"reelbus consumer: {counted / seconds:,.0f} records/s")
+
+            say(f"confluent-kafka reader: {opts.records} records from {topic.name} (value, key, headers)")
+            counted, seconds = await asyncio.to_thread(
+                read_records, layout.bootstrap_servers, topic.name, opts.records, groups[3]
+            )
+            result.measurements.append(
+                Measurement(
+                    "consume", "confluent-kafka, reading value+key+headers", counted, seconds, record_size
+                )
+            )
         finally:
             await producer.close()
         return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli.bench import BenchResult, Measurement, parse_consumer_perf, parse_producer_perf
+from services.cli.bench import READER, BenchResult, Measurement, parse_consumer_perf, parse_producer_perf
 
 PRODUCER_RUN = [
     # An interim report (every 5 s): no percentiles, so not the summary.
@@ -80,4 +80,10 @@ def test_ratio_is_bus_over_kafka() -> None:
     ]
     assert result.ratio("produce") == pytest.approx(0.1)
     assert result.ratio("consume") is None
+    result.measurements += [
+        Measurement("consume", "kafka ConsumerPerformance", 1000, 0.01, 149),
+        Measurement("consume", "reelbus BusConsumer", 1000, 0.04, 149),
+        Measurement("consume", READER, 1000, 0.02, 149),  # the client's floor: not in the ratio
+    ]
+    assert result.ratio("consume") == pytest.approx(0.25)
     assert result.measurements[0].mb_per_s == pytest.approx(100_000 * 149 / 1024 / 1024)
