@@ -56,6 +56,7 @@ from typing import Any
 
 import confluent_kafka
 from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import Producer as KafkaProducer
 from confluent_kafka.admin import NewTopic
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -299,6 +300,9 @@ def render_table(result: BenchResult) -> str:
         "reelbus consume = first handler call to last (the records of the first call not counted).",
         "confluent-kafka reading value+key+headers = the Python client alone, touching each record's "
         "value, key and headers once (no decoding): the most any Python consumer on it can reach here.",
+        "confluent-kafka, one ready-made record = the Python client alone producing the same bytes (value, "
+        "key, the bus's headers) again and again with the bus's settings: the most a Python producer on it "
+        "can reach here.",
     ]
     for name, raw in result.raw.items():
         lines.append(f"{name}: {raw}")
@@ -566,6 +570,33 @@ async def consume_events(
 
 
 READER = "confluent-kafka, reading value+key+headers"
+WRITER = "confluent-kafka, one ready-made record"
+
+
+def write_records(
+    config: dict[str, Any],
+    topic_name: str,
+    value: bytes,
+    key: bytes,
+    headers: list[tuple[str, str | bytes | None]],
+    count: int,
+) -> float:
+    """confluent-kafka's own floor for a Python producer: ``produce`` the same ready-made value, key and
+    headers ``count`` times with the bus producer's settings, no event built, no encoding, no span, no
+    delivery callback; timed until every record is acknowledged. Blocking."""
+    producer = KafkaProducer(config)
+    started = time.perf_counter()
+    for _ in range(count):
+        while True:
+            try:
+                producer.produce(topic_name, value, key, headers=headers)
+                break
+            except BufferError:  # the local queue is full: let librdkafka deliver some
+                producer.poll(0.01)
+    left = producer.flush(120)
+    if left:
+        raise BenchError(f"confluent-kafka writer: {left} records not acknowledged within 120 s")
+    return time.perf_counter() - started
 
 
 def read_records(bootstrap_servers: str, topic_name: str, expected: int, group: str) -> tuple[int, float]:
@@ -613,7 +644,8 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
     registry = RegistryClient(layout.registry_url)
     admin = Admin(layout.bootstrap_servers, registry)
     groups = [f"bench-{run_id}-{name}" for name in ("kafka", "warmup", "bus", "reader")]
-    ours = [topic.name, topic.dlq, warm.name, warm.dlq, raw_topic]
+    floor_topic = f"bench.{run_id}.client-floor"  # confluent-kafka alone: the same bytes, no Avro
+    ours = [topic.name, topic.dlq, warm.name, warm.dlq, raw_topic, floor_topic]
     provider = _setup_tracing(opts.tracing, layout)
     source = HeartbeatSource()
     gc.freeze()  # as services.bus.runtime.serve() does once a service has started
@@ -622,11 +654,13 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
         plan = await asyncio.to_thread(admin.apply, contracts, [topic.name, warm.name])
         if plan.refusals:
             raise BenchError("cannot create the bench topics: " + "; ".join(plan.refusals))
+        config = dict(model.config)
         futures = admin.kafka.create_topics(
             [
                 NewTopic(
-                    raw_topic, num_partitions=opts.partitions, replication_factor=1, config=dict(model.config)
+                    name, num_partitions=opts.partitions, replication_factor=1, config=dict(model.config)
                 )
+                for name in (raw_topic, floor_topic)
             ]
         )
         for future in futures.values():
@@ -725,6 +759,21 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
                 Measurement("produce", f"reelbus {api}", opts.records, seconds, record_size)
             )
             say(f"reelbus producer: {opts.records / seconds:,.0f} records/s")
+
+            say(f"confluent-kafka writer: {opts.records} ready-made records to {floor_topic}")
+            value = producer_serde.encode_value(topic, sample)
+            key = producer_serde.encode_key(topic, source.key(sample))
+            headers: list[tuple[str, str | bytes | None]] = [
+                (HEADER_EVENT_TYPE, sample.SCHEMA_NAME.encode()),
+                (HEADER_EVENT_ID, str(sample.event_id).encode()),
+                (HEADER_PRODUCER, producer.config.client_id.encode()),
+                ("traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"),
+            ]
+            config = ProducerConfig(layout.bootstrap_servers, client_id=f"bench-{run_id}-floor").librdkafka()
+            seconds = await asyncio.to_thread(
+                write_records, config, floor_topic, value, key, headers, opts.records
+            )
+            result.measurements.append(Measurement("produce", WRITER, opts.records, seconds, record_size))
 
             # -- consume ----------------------------------------------------------------------
             say(f"kafka ConsumerPerformance: {opts.records} records from {topic.name}")
