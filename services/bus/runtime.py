@@ -443,18 +443,7 @@ class ServiceRuntime:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def run(self, on_started: Callable[[int], Awaitable[None]] | None = None) -> int:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=2.0)
-        await runner.setup()
-        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
-        await site.start()
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else self.settings.http_port
-        log.info("%s listening on http://%s:%s", self.spec.name, self.settings.http_host, self.port)
+        stop, runner, self.port = await start_http(self.app, self.settings, self.spec.name)
         if on_started is not None:
             await on_started(self.port)
 
@@ -571,6 +560,27 @@ class ServiceRuntime:
             helper.cancel()
         log.info("shutdown complete in %.2fs", time.monotonic() - started)
         return code
+
+
+async def start_http(
+    app: web.Application, settings: BusSettings, name: str
+) -> tuple[asyncio.Event, web.AppRunner, int]:
+    """What every service does first: SIGTERM and SIGINT set the returned event, and ``app`` listens
+    on the settings' host and port (port 0: a free one). Returns the event, the runner to clean up
+    and the port it listens on."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http_host, settings.http_port)
+    await site.start()
+    server = getattr(site, "_server", None)
+    sockets = getattr(server, "sockets", None) or []
+    port = int(sockets[0].getsockname()[1]) if sockets else settings.http_port
+    log.info("%s listening on http://%s:%s", name, settings.http_host, port)
+    return stop, runner, port
 
 
 def serve(spec: ServiceSpec, settings: BusSettings, contracts: Contracts | None = None) -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -64,7 +63,14 @@ from services.bus.events import AvroEvent
 from services.bus.http import MAX_BODY_BYTES, errors_middleware, tracing_middleware
 from services.bus.producer import HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_PRODUCER
 from services.bus.registry import RegistryUnavailable
-from services.bus.runtime import EXIT_BAD_SETTING, EXIT_FAILED, BusSettings, default_keys_dir, setup_logging
+from services.bus.runtime import (
+    EXIT_BAD_SETTING,
+    EXIT_FAILED,
+    BusSettings,
+    default_keys_dir,
+    setup_logging,
+    start_http,
+)
 from services.bus.serde import PoisonMessage, SchemaNotCached, Serde
 from services.bus.tracing import (
     ATTR_DLQ_REASON,
@@ -838,18 +844,7 @@ class StreamService:
             raise RuntimeError(f"root task {name} returned while the service was not stopping")
 
     async def run(self, on_started: Callable[[int], Awaitable[None]] | None = None) -> int:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        runner = web.AppRunner(self.http, handle_signals=False, shutdown_timeout=2.0)
-        await runner.setup()
-        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
-        await site.start()
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else self.settings.http_port
-        log.info("%s listening on http://%s:%s", self.spec.name, self.settings.http_host, self.port)
+        stop, runner, self.port = await start_http(self.http, self.settings, self.spec.name)
         if on_started is not None:
             await on_started(self.port)
         for replica in self.spec.replicas:
