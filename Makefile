@@ -8,8 +8,10 @@ REELBUS := $(VENV)/bin/reelbus
 
 install: $(VENV)/.installed
 
-# The bus's native Avro codec (Rust, pyo3, built by maturin with cargo): services/bus/wire.py falls back
-# to its Python codecs without it, but the suite checks it is there.
+# The bus's native extension (Rust, pyo3, built by maturin with cargo): the Avro codec and the consumer's
+# Kafka client (librdkafka, compiled from the rdkafka-sys crate with the machine's gcc and make, about a
+# minute). services/bus/wire.py and services/bus/fetch.py fall back to Python codecs and confluent-kafka
+# without it, but the suite checks it is there.
 NATIVE_SRC := $(wildcard services/bus/native/Cargo.* services/bus/native/pyproject.toml services/bus/native/src/*.rs)
 
 $(VENV)/.installed: pyproject.toml deploy/k8s/install-tools.sh $(NATIVE_SRC)

@@ -28,7 +28,7 @@ import io
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fastavro
 
@@ -36,6 +36,9 @@ from services.bus import wire
 from services.bus.contracts import Contracts, Schema, Topic, make_schema
 from services.bus.events import AVRO_CODECS, EVENT_TYPES, AvroEvent
 from services.bus.registry import RegistryClient, RegistryError
+
+if TYPE_CHECKING:
+    from services.bus.fetch import Fetch
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
@@ -130,7 +133,6 @@ def _native_for(schema: Schema, codec: wire.Codec | None) -> Any:
 # codec, the topic check, all in one call), or None without the extension.
 _DECODE_FRAMED_EVENT: Any = getattr(wire.NATIVE, "decode_framed_event", None)
 _DECODE_FRAMED_STRING: Any = getattr(wire.NATIVE, "decode_framed_string", None)
-_DECODE_RUN: Any = getattr(wire.NATIVE, "decode_run", None)
 
 
 def _fast_writer() -> Any:
@@ -468,31 +470,20 @@ class Serde:
         return self.decode_event_nowait(topic, data)
 
     def decode_run(
-        self,
-        group: list[tuple[Any, Any]],
-        start: int,
-        topic: Topic | None,
-        make_record: Any,
-        topic_name: str,
-        partition: int,
-    ) -> tuple[list[tuple[Any, Any]], list[Any], int]:
-        """The consumer's common case in one native call: from ``group[start]`` (``(message, headers)``
-        of one partition) on, the records whose value and key ``decode_event_nowait`` and
-        ``decode_key_nowait`` would decode through their native fast paths, all of one event type:
-        ``(pairs, messages, end)`` with ``pairs`` the ``(event, make_record(topic_name, partition,
-        offset, key, headers, timestamp))`` and ``end`` the first record not taken (the caller's usual
-        path takes it). ``([], [], start)`` without the extension or when the first is not for it."""
-        fast = _DECODE_RUN
-        if fast is not None:
-            allowed = None if topic is None else topic.values
-            try:
-                taken: tuple[list[tuple[Any, Any]], list[Any], int] = fast(
-                    group, start, self._readers, allowed, make_record, topic_name, partition
-                )
-                return taken
-            except Exception:  # the usual path decides, record by record
-                pass
-        return [], [], start
+        self, fetch: Fetch, start: int, end: int, topic: Topic | None, make_record: Any
+    ) -> tuple[list[tuple[Any, Any]], int]:
+        """The consumer's common case in one native call: from record ``start`` of ``fetch`` (before
+        ``end``) on, the records whose value and key ``decode_event_nowait`` and ``decode_key_nowait``
+        would decode through their native fast paths, all of one event type: ``(pairs, stop)`` with
+        ``pairs`` the ``(event, make_record(topic, partition, offset, key, headers, timestamp))`` and
+        ``stop`` the first record not taken (the caller's usual path takes it). ``([], start)`` when
+        the fetch has no fast path or the first record is not for it."""
+        try:
+            return fetch.decode_run(
+                start, end, self._readers, None if topic is None else topic.values, make_record
+            )
+        except Exception:  # the usual path decides, record by record
+            return [], start
 
     def decode_key_nowait(self, data: bytes | None) -> Any:
         """``decode_key`` without awaiting; raises ``SchemaNotCached`` like ``decode_event_nowait``."""

@@ -385,7 +385,7 @@ def r_optional(null_index: int, read_value: Reader) -> Reader:
 # differently (``tests/unit/test_native_codec.py`` holds the two to each other on every schema).
 # ``REELBUS_NATIVE_CODEC=0`` turns it off; without the extension the Python codecs are used as before.
 
-NATIVE_PLAN_VERSION = 1
+NATIVE_PLAN_VERSION = 2
 
 
 def _load_native() -> Any:

@@ -71,6 +71,7 @@ async def consuming(
     handlers: Mapping[str, AnyHandler],
     dead_letters: Producer,
     retry: RetryPolicy | None = None,
+    native: bool | None = None,
 ) -> AsyncIterator[BusConsumer]:
     serde = Serde(contracts, RegistryClient(layout.registry_url))
     consumer = BusConsumer(
@@ -79,6 +80,7 @@ async def consuming(
             group_id=unique("test-group"),
             topics=[topic.name],
             retry=retry or RetryPolicy(attempts=3, first_backoff=0.01),
+            native=native,
         ),
         contracts,
         serde,

@@ -1,28 +1,29 @@
-"""The consumer's native fast paths (``reelbus_native.decode_run`` and ``extend_group``) against its
-Python loop: the same handler calls (so the same span groups and runs), the same dead letters and the
-same offsets to commit, on a fetch that mixes batches, trace contexts, partitions, event types with a
-batch handler, a per-record handler and none, a record without headers or key, and poison records.
+"""The consumer's native fetch (``reelbus_native.Fetched``: ``group_end`` and ``decode_run``) against
+confluent-kafka's messages through ``MessageFetch`` (no fast path): the same handler calls (so the
+same span groups and runs), the same dead letters and the same offsets to commit, on a fetch that mixes
+batches, trace contexts, partitions, event types with a batch handler, a per-record handler and none, a
+record without headers or key, poison records and an error in place of a record.
 
-Pure logic over ``confluent_kafka.Message`` objects built by hand: no broker (the dead-letter producer
-is a fake that records what it is given).
+Pure logic over fetches built by hand: no broker (the dead-letter producer is a fake that records what
+it is given). ``tests/bus/test_fetch_sources.py`` runs both sources against the real broker.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from typing import Any
 
 import pytest
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, Message
 
 from services.bus import consumer as consumer_module
-from services.bus import serde as serde_module
+from services.bus import fetch as fetch_module
 from services.bus import wire
-from services.bus.consumer import BusConsumer, ConsumerConfig, Record, batched
+from services.bus.consumer import BusConsumer, ConsumerConfig, ConsumerDied, Record, batched
 from services.bus.contracts import Contracts
 from services.bus.events import Heartbeat, SessionPaused, SessionResumed
+from services.bus.fetch import Fetch, MessageFetch
 from services.bus.serde import Serde, _Reader
 
 CONTRACTS = Contracts.load()
@@ -32,6 +33,7 @@ IDS = {Heartbeat.SCHEMA_NAME: 8, SessionPaused.SCHEMA_NAME: 9, SessionResumed.SC
 pytestmark = pytest.mark.skipif(
     wire.NATIVE is None or os.environ.get("REELBUS_NATIVE_CODEC") == "0", reason="no native codec"
 )
+NOT_A_RECORD = ("broker transport failure", False)
 
 
 class FakeDeadLetters:
@@ -105,6 +107,7 @@ def _fetch() -> list[Message]:
         message(None, b, value=good[:20]),  # truncated: poison at decode
         *(message(heartbeat(n), b) for n in range(7, 9)),
         message(resumed, b),  # no handler: ignored
+        Message(topic=TOPIC.name, partition=0, error=KafkaError(-195, NOT_A_RECORD[0])),
         message(heartbeat(9), None, key=None),
         message(heartbeat(10), None),
         message(heartbeat(11), c, partition=1),
@@ -113,40 +116,49 @@ def _fetch() -> list[Message]:
     ]
 
 
-async def _run(
-    fetched: list[Message], fast: bool, monkeypatch: pytest.MonkeyPatch
-) -> tuple[list[Any], list[Any], dict[Any, int]]:
-    with monkeypatch.context() as patch:
-        if not fast:
-            patch.setattr(consumer_module, "_EXTEND_GROUP", None)
-            patch.setattr(serde_module, "_DECODE_RUN", None)
-            patch.setattr(serde_module, "_DECODE_FRAMED_EVENT", None)
-            patch.setattr(serde_module, "_DECODE_FRAMED_STRING", None)
-        calls: list[Any] = []
-
-        async def per_batch(items: list[tuple[Any, Record]]) -> None:
-            calls.append(("batch", list(items)))
-
-        async def per_record(event: Any, record: Record) -> None:
-            calls.append(("record", event, record))
-
-        dead = FakeDeadLetters()
-        consumer = BusConsumer(
-            ConsumerConfig("unused:9092", "group", [TOPIC.name]),
-            CONTRACTS,
-            _serde(),
-            {Heartbeat.SCHEMA_NAME: batched(per_batch), SessionPaused.SCHEMA_NAME: per_record},
-            dead,  # type: ignore[arg-type]
-        )
-        await consumer._process_batch(fetched[:9])
-        await consumer._process_batch(fetched[9:])
-        return calls, dead.sent, dict(consumer._pending)
+def _native(msgs: list[Message]) -> Fetch:
+    """The same records as a native fetch."""
+    records: list[tuple[Any, ...]] = []
+    for m in msgs:
+        err = m.error()
+        if err is not None:
+            records.append((m.topic(), m.partition(), m.offset() or 0, err.str(), err.fatal()))
+        else:
+            headers = list(m.headers() or [])
+            records.append(
+                (m.topic(), m.partition(), m.offset(), m.key(), m.value(), headers, m.timestamp()[1])
+            )
+    fetched: Fetch = wire.NATIVE.Fetched.of(records)
+    return fetched
 
 
-async def test_native_and_python_consumer_paths_handle_a_fetch_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+async def _run(fetched: list[Message], native: bool) -> tuple[list[Any], list[Any], dict[Any, int]]:
+    calls: list[Any] = []
+
+    async def per_batch(items: list[tuple[Any, Record]]) -> None:
+        calls.append(("batch", list(items)))
+
+    async def per_record(event: Any, record: Record) -> None:
+        calls.append(("record", event, record))
+
+    dead = FakeDeadLetters()
+    consumer = BusConsumer(
+        ConsumerConfig("unused:9092", "group", [TOPIC.name]),
+        CONTRACTS,
+        _serde(),
+        {Heartbeat.SCHEMA_NAME: batched(per_batch), SessionPaused.SCHEMA_NAME: per_record},
+        dead,  # type: ignore[arg-type]
+    )
+    make = _native if native else MessageFetch
+    await consumer._process_batch(make(fetched[:9]))
+    await consumer._process_batch(make(fetched[9:]))
+    return calls, dead.sent, dict(consumer._pending)
+
+
+async def test_native_and_python_consumer_paths_handle_a_fetch_alike() -> None:
     fetched = _fetch()
-    slow_calls, slow_dead, slow_pending = await _run(fetched, False, monkeypatch)
-    fast_calls, fast_dead, fast_pending = await _run(fetched, True, monkeypatch)
+    slow_calls, slow_dead, slow_pending = await _run(fetched, False)
+    fast_calls, fast_dead, fast_pending = await _run(fetched, True)
     # Heartbeats of a; of b before SessionPaused (per record); of b after the poison records; without
     # headers (one root group); of c on partition 1; of c on partition 0.
     assert [(c[0], len(c[1]) if c[0] == "batch" else 1) for c in slow_calls] == [
@@ -164,25 +176,34 @@ async def test_native_and_python_consumer_paths_handle_a_fetch_alike(monkeypatch
     assert fast_pending == slow_pending == {(TOPIC.name, 0): 100 + 16, (TOPIC.name, 1): 2}
 
 
-def test_the_fast_paths_are_the_native_ones() -> None:
-    assert consumer_module._EXTEND_GROUP is wire.NATIVE.extend_group
-    assert serde_module._DECODE_RUN is wire.NATIVE.decode_run
+async def test_the_native_fetch_decodes_runs_natively() -> None:
+    """The fast path is taken: a run comes back from one ``decode_run`` call, records built natively."""
+    fetched = _native(_fetch()[:5])
+    serde = _serde()
+    pairs, stop = serde.decode_run(fetched, 0, 5, TOPIC, wire.builder(Record))
+    assert stop == 5
+    assert [type(e) for e, _ in pairs] == [Heartbeat] * 5
+    assert [r.offset for _, r in pairs] == [100, 101, 102, 103, 104]
+    assert pairs[0][1].headers == [
+        ("reelbus.event-type", b"x"),
+        ("traceparent", b"00-" + b"0" * 31 + b"1-" + b"0" * 15 + b"1-01"),
+    ]
+    assert MessageFetch(_fetch()[:5]).decode_run(0, 5, {}, None, None) == ([], 0)
+
+
+def test_the_consumer_is_the_native_one() -> None:
+    assert fetch_module.NATIVE_CONSUMER is wire.NATIVE.KafkaConsumer
     assert type(consumer_module._make_record) is wire.NATIVE.Builder
 
 
-def test_a_fetch_that_is_not_a_list_goes_the_python_way(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-
-    async def per_batch(items: list[tuple[Any, Record]]) -> None:
-        calls.append(len(items))
-
+async def test_a_fatal_error_in_a_fetch_ends_the_consumer() -> None:
     consumer = BusConsumer(
         ConsumerConfig("unused:9092", "group", [TOPIC.name]),
         CONTRACTS,
         _serde(),
-        {Heartbeat.SCHEMA_NAME: batched(per_batch)},
+        {},
         FakeDeadLetters(),  # type: ignore[arg-type]
     )
-    fetched = _fetch()[:5]
-    asyncio.run(consumer._process_batch(tuple(fetched)))
-    assert calls == [5]
+    await consumer._process_batch(wire.NATIVE.Fetched.of([(TOPIC.name, 0, 0, "gone", False)]))
+    with pytest.raises(ConsumerDied, match="fatal consumer error: fenced"):
+        await consumer._process_batch(wire.NATIVE.Fetched.of([(TOPIC.name, 0, 0, "fenced", True)]))

@@ -15,6 +15,8 @@ use pyo3::exceptions::{PyEOFError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDateTime, PyDict, PyList, PyString, PyTuple, PyType, PyTzInfo};
+mod kafka;
+
 #[allow(unused_imports)]
 use pyo3::types::{PyDateAccess, PyTimeAccess, PyTzInfoAccess};
 
@@ -537,26 +539,46 @@ fn write_uuid_text(out: &mut Vec<u8>, n: u128) {
 
 /// The canonical 36-character form only (what `wire.uuid_of` takes without `uuid.UUID`).
 fn parse_uuid(text: &[u8]) -> Option<u128> {
-    if text.len() != 36 {
+    // The value of each hex digit, 16 for anything else.
+    const HEX: [u8; 256] = {
+        let mut t = [16u8; 256];
+        let mut c = 0;
+        while c < 10 {
+            t[b'0' as usize + c] = c as u8;
+            c += 1;
+        }
+        let mut c = 0;
+        while c < 6 {
+            t[b'a' as usize + c] = 10 + c as u8;
+            t[b'A' as usize + c] = 10 + c as u8;
+            c += 1;
+        }
+        t
+    };
+    let text: &[u8; 36] = text.try_into().ok()?;
+    if text[8] != b'-' || text[13] != b'-' || text[18] != b'-' || text[23] != b'-' {
         return None;
     }
-    let mut n: u128 = 0;
-    for (i, &c) in text.iter().enumerate() {
-        if i == 8 || i == 13 || i == 18 || i == 23 {
-            if c != b'-' {
-                return None;
-            }
-            continue;
-        }
-        let d = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            b'A'..=b'F' => c - b'A' + 10,
-            _ => return None,
-        };
-        n = (n << 4) | d as u128;
+    // Two 64-bit halves (16 digits each), each digit checked once: any invalid digit sets bit 4.
+    let mut hi: u64 = 0;
+    let mut lo: u64 = 0;
+    let mut bad: u8 = 0;
+    for &i in &[0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17] {
+        let d = HEX[text[i] as usize];
+        bad |= d;
+        hi = (hi << 4) | (d & 15) as u64;
     }
-    Some(n)
+    for &i in &[
+        19, 20, 21, 22, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35,
+    ] {
+        let d = HEX[text[i] as usize];
+        bad |= d;
+        lo = (lo << 4) | (d & 15) as u64;
+    }
+    if bad & 16 != 0 {
+        return None;
+    }
+    Some(((hi as u128) << 64) | lo as u128)
 }
 
 fn alloc<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
@@ -853,6 +875,21 @@ fn framed_id(data: &[u8]) -> Option<u32> {
 }
 
 /// The serde's cached reader of a framed record (`readers[schema_id]`), or a LookupError.
+fn reader_of<'py>(
+    py: Python<'py>,
+    bytes: &[u8],
+    readers: &Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let id = framed_id(bytes).ok_or_else(|| bad("not framed"))?;
+    match readers.get_item(id.into_pyobject(py)?)? {
+        Some(reader) => Ok(reader),
+        None => Err(pyo3::exceptions::PyLookupError::new_err(
+            "schema id not cached",
+        )),
+    }
+}
+
+/// `reader_of` for a `bytes` object.
 fn cached_reader<'py>(
     py: Python<'py>,
     data: &Bound<'py, PyAny>,
@@ -865,13 +902,7 @@ fn cached_reader<'py>(
         let ptr = ffi::PyBytes_AsString(data.as_ptr()) as *const u8;
         std::slice::from_raw_parts(ptr, ffi::PyBytes_Size(data.as_ptr()) as usize)
     };
-    let id = framed_id(bytes).ok_or_else(|| bad("not framed"))?;
-    match readers.get_item(id.into_pyobject(py)?)? {
-        Some(reader) => Ok((reader, bytes)),
-        None => Err(pyo3::exceptions::PyLookupError::new_err(
-            "schema id not cached",
-        )),
-    }
+    Ok((reader_of(py, bytes, readers)?, bytes))
 }
 
 /// The fast path of `Serde.decode_event_nowait`: the event of a framed record whose schema id is in
@@ -910,7 +941,17 @@ fn decode_framed_string<'py>(
     data: &Bound<'py, PyAny>,
     readers: &Bound<'py, PyDict>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let (reader, bytes) = cached_reader(py, data, readers)?;
+    let (_, bytes) = cached_reader(py, data, readers)?;
+    framed_string(py, bytes, readers)
+}
+
+/// `decode_framed_string` of a slice.
+fn framed_string<'py>(
+    py: Python<'py>,
+    bytes: &[u8],
+    readers: &Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let reader = reader_of(py, bytes, readers)?;
     if !reader.getattr(pyo3::intern!(py, "string"))?.is_truthy()? {
         return Err(bad("not a string schema"));
     }
@@ -924,158 +965,6 @@ fn decode_framed_string<'py>(
         return Err(bad("more than one string"));
     }
     decode_utf8(py, text)
-}
-
-/// One record of a run: its event and key through the framed fast paths, or None to stop the run.
-fn run_record<'py>(
-    py: Python<'py>,
-    msg: &Bound<'py, PyAny>,
-    readers: &Bound<'py, PyDict>,
-    allowed: &Bound<'py, PyAny>,
-) -> Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    let value = msg.call_method0(pyo3::intern!(py, "value")).ok()?;
-    let event = decode_framed_event(py, &value, readers, allowed).ok()?;
-    let key = msg.call_method0(pyo3::intern!(py, "key")).ok()?;
-    let key = if key.is_none() {
-        key
-    } else {
-        decode_framed_string(py, &key, readers).ok()?
-    };
-    Some((event, key))
-}
-
-/// The consumer's common case in one call: from `group[start]` (a list of `(message, headers)` of
-/// one topic and partition) on, the records whose value and key the framed fast paths decode, all of
-/// the first one's event type: `(pairs, messages, end)`, with `pairs` the `(event, record)` a handler
-/// gets (`record = make_record(topic, partition, offset, key, headers, timestamp)`, as the consumer
-/// builds it) and `end` the index of the first record not taken (the consumer's usual path handles
-/// it). Nothing it cannot decode is decided here.
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn decode_run<'py>(
-    py: Python<'py>,
-    group: &Bound<'py, PyList>,
-    start: usize,
-    readers: &Bound<'py, PyDict>,
-    allowed: &Bound<'py, PyAny>,
-    make_record: &Bound<'py, PyAny>,
-    topic: &Bound<'py, PyAny>,
-    partition: &Bound<'py, PyAny>,
-) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, usize)> {
-    let pairs = PyList::empty(py);
-    let msgs = PyList::empty(py);
-    let mut kind: Option<Bound<'py, PyType>> = None;
-    let mut i = start;
-    while i < group.len() {
-        let item = group.get_item(i)?;
-        let item = item.cast::<PyTuple>()?;
-        let msg = item.get_item(0)?;
-        let Some((event, key)) = run_record(py, &msg, readers, allowed) else {
-            break;
-        };
-        match &kind {
-            None => kind = Some(event.get_type()),
-            Some(k) if !event.get_type().is(k) => break,
-            Some(_) => {}
-        }
-        let offset = msg.call_method0(pyo3::intern!(py, "offset"))?;
-        let offset = if offset.is_truthy()? {
-            offset
-        } else {
-            0i64.into_pyobject(py)?.into_any()
-        };
-        let timestamp = msg
-            .call_method0(pyo3::intern!(py, "timestamp"))?
-            .get_item(1)?;
-        let record =
-            make_record.call1((topic, partition, offset, key, item.get_item(1)?, timestamp))?;
-        pairs.append(PyTuple::new(py, [event, record])?)?;
-        msgs.append(msg)?;
-        i += 1;
-    }
-    Ok((pairs, msgs, i))
-}
-
-/// The next record of a span group, as `BusConsumer._process_batch` takes it: its headers when it
-/// has no error, the same topic and partition and the same trace-context headers (`key`, what
-/// `tracing.trace_key` gives); None otherwise (or when anything is unusual: the caller then decides).
-fn group_member<'py>(
-    py: Python<'py>,
-    msg: &Bound<'py, PyAny>,
-    key: &Bound<'py, PyAny>,
-    partition: &Bound<'py, PyAny>,
-    topic: &Bound<'py, PyAny>,
-    fields: &Bound<'py, PyAny>,
-) -> PyResult<Option<Bound<'py, PyAny>>> {
-    if !msg.call_method0(pyo3::intern!(py, "error"))?.is_none() {
-        return Ok(None);
-    }
-    if msg
-        .call_method0(pyo3::intern!(py, "partition"))?
-        .ne(partition)?
-    {
-        return Ok(None);
-    }
-    if msg.call_method0(pyo3::intern!(py, "topic"))?.ne(topic)? {
-        return Ok(None);
-    }
-    let raw = msg.call_method0(pyo3::intern!(py, "headers"))?;
-    let headers = if raw.is_none() {
-        PyList::empty(py).into_any()
-    } else if unsafe { ffi::PyList_CheckExact(raw.as_ptr()) } != 0 {
-        raw
-    } else {
-        return Ok(None);
-    };
-    let mut carried: Vec<Bound<'py, PyAny>> = Vec::new();
-    for item in headers.cast::<PyList>()?.iter() {
-        let pair = item.cast::<PyTuple>()?;
-        if pair.len() != 2 {
-            return Ok(None);
-        }
-        let name = pair.get_item(0)?;
-        if fields.contains(&name)? {
-            carried.push(PyTuple::new(py, [name, pair.get_item(1)?])?.into_any());
-        }
-    }
-    if !PyTuple::new(py, carried)?.eq(key)? {
-        return Ok(None);
-    }
-    Ok(Some(headers))
-}
-
-/// `BusConsumer._process_batch`'s inner loop: appends `(message, headers)` of `batch[i]`, `batch[i+1]`,
-/// ... to `group` while they belong to it (`group_member`), and returns the index of the first that
-/// does not (or that it leaves to the caller). Never raises once it has appended.
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn extend_group<'py>(
-    py: Python<'py>,
-    batch: &Bound<'py, PyList>,
-    start: usize,
-    key: &Bound<'py, PyAny>,
-    partition: &Bound<'py, PyAny>,
-    topic: &Bound<'py, PyAny>,
-    fields: &Bound<'py, PyAny>,
-    group: &Bound<'py, PyList>,
-) -> usize {
-    let mut i = start;
-    while i < batch.len() {
-        let Ok(msg) = batch.get_item(i) else { break };
-        match group_member(py, &msg, key, partition, topic, fields) {
-            Ok(Some(headers)) => {
-                let Ok(pair) = PyTuple::new(py, [msg, headers]) else {
-                    break;
-                };
-                if group.append(pair).is_err() {
-                    break;
-                }
-            }
-            _ => break,
-        }
-        i += 1;
-    }
-    i
 }
 
 /// `[prefix + <Avro string> for s in values]`: string keys, each an exact `str`; anything else raises.
@@ -1134,8 +1023,19 @@ impl Builder {
                 self.names.len()
             )));
         }
+        self.make(py, values.iter())
+    }
+}
+
+impl Builder {
+    /// An instance from its field values in order (as many as there are fields).
+    fn make<'py>(
+        &self,
+        py: Python<'py>,
+        values: impl Iterator<Item = Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let made = alloc(self.cls.bind(py))?;
-        for (name, value) in self.names.iter().zip(values.iter()) {
+        for (name, value) in self.names.iter().zip(values) {
             set_generic(&made, name.bind(py), &value)?;
         }
         Ok(made)
@@ -1162,8 +1062,10 @@ fn reelbus_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(now_ms, m)?)?;
     m.add_function(wrap_pyfunction!(decode_framed_event, m)?)?;
     m.add_function(wrap_pyfunction!(decode_framed_string, m)?)?;
-    m.add_function(wrap_pyfunction!(decode_run, m)?)?;
-    m.add_function(wrap_pyfunction!(extend_group, m)?)?;
-    m.add("PLAN_VERSION", 1)?;
+    m.add_class::<kafka::KafkaConsumer>()?;
+    m.add_class::<kafka::Fetched>()?;
+    m.add_class::<kafka::Headers>()?;
+    m.add("KafkaError", m.py().get_type::<kafka::KafkaError>())?;
+    m.add("PLAN_VERSION", 2)?;
     Ok(())
 }
