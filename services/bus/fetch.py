@@ -15,7 +15,7 @@ Two implementations:
   not built (the container image), or with ``REELBUS_NATIVE_CONSUMER=0``. Same behaviour, slower.
 
 Both use librdkafka with the same configuration, so the group protocol, static membership, offsets
-and errors are the same; ``tests/bus/test_fetch_sources.py`` holds the two to each other on a real
+and errors are the same; ``tests/bus/test_kafka_clients.py`` holds the two to each other on a real
 broker and ``tests/unit/test_native_consumer.py`` holds the consumer's fast path to its slow one.
 """
 

@@ -5,6 +5,13 @@ short linger. Deliveries are reported by librdkafka on a poll thread and handed 
 futures, so ``await producer.send(...)`` returns once the broker has the record on all in-sync replicas.
 The poll thread hands settled deliveries over in bulk (one loop wake-up per burst, not per record).
 
+The librdkafka under it is the bus's native extension's (``reelbus_native.KafkaProducer``, the same
+library the consumer uses, see ``services/bus/fetch.py``) when it is built: a batch is queued in one
+call with no Python object per record but its encoded bytes, and its delivery reports are counted on
+the extension's own thread, so Python hears once per batch (or record sent alone). Without it (the
+container image), or with ``REELBUS_NATIVE_PRODUCER=0``, confluent-kafka's ``Producer``: the same
+settings and behaviour, one Python call per record and per delivery report.
+
 Two ways to send:
 
 - ``produce``/``send``: one event, one PRODUCER span, one future resolving to ``Delivered``.
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +44,18 @@ from services.bus.events import AvroEvent
 from services.bus.serde import Serde
 from services.bus.tracing import ATTR_EVENT_ID, ATTR_EVENT_TYPE, KafkaHeaders, context_headers
 
+
+def _native_producer() -> Any:
+    if os.environ.get("REELBUS_NATIVE_PRODUCER", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    return getattr(wire.NATIVE, "KafkaProducer", None)
+
+
+NATIVE_PRODUCER: Any = _native_producer()
+NATIVE_ERRORS: tuple[type[BaseException], ...] = (
+    (wire.NATIVE.KafkaError,) if NATIVE_PRODUCER is not None else ()
+)
+
 HEADER_EVENT_TYPE = "reelbus.event-type"
 HEADER_EVENT_ID = "reelbus.event-id"
 HEADER_PRODUCER = "reelbus.producer"
@@ -49,6 +69,8 @@ class ProducerConfig:
     linger_ms: int = 5
     compression: str = "lz4"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The Kafka client: the native one when built (None), or say which (module doc).
+    native: bool | None = None
 
     def librdkafka(self) -> dict[str, Any]:
         return {
@@ -134,6 +156,7 @@ class Producer:
         self.contracts = contracts
         self.serde = serde
         self._kafka: KafkaProducer | None = None
+        self._native: Any = None  # a reelbus_native.KafkaProducer in place of _kafka (module doc)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: threading.Thread | None = None
         self._closing = threading.Event()
@@ -151,8 +174,16 @@ class Producer:
         for name in topics:
             await asyncio.to_thread(self.serde.prepare, self.contracts.topic(name))
         self._loop = asyncio.get_running_loop()
-        self._kafka = KafkaProducer(self.config.librdkafka())
+        native = self.config.native
+        if native is None:
+            native = NATIVE_PRODUCER is not None
         self._closing.clear()
+        if native:
+            if NATIVE_PRODUCER is None:
+                raise RuntimeError("the native producer is not built (services/bus/native) or is turned off")
+            self._native = NATIVE_PRODUCER(self.config.librdkafka())
+            return
+        self._kafka = KafkaProducer(self.config.librdkafka())
         self._poller = threading.Thread(target=self._poll, name=f"{self.config.client_id}-poll", daemon=True)
         self._poller.start()
 
@@ -217,7 +248,7 @@ class Producer:
         headers: KafkaHeaders | None = None,
     ) -> asyncio.Future[Delivered]:
         """Queue one event; the future resolves on delivery. Call from the event loop."""
-        if self._kafka is None:
+        if self._kafka is None and self._native is None:
             raise RuntimeError("producer not started")
         name = event.SCHEMA_NAME
         event_id = str(event.event_id)
@@ -255,6 +286,8 @@ class Producer:
     def _raw_produce(
         self, topic: str, key: bytes | None, value: bytes | None, headers: KafkaHeaders
     ) -> asyncio.Future[Delivered]:
+        if self._native is not None:
+            return self._native_produce(topic, key, value, headers)
         kafka = self._kafka
         assert kafka is not None and self._loop is not None
         future: asyncio.Future[Delivered] = self._loop.create_future()
@@ -288,6 +321,50 @@ class Producer:
             except BufferError:
                 await asyncio.sleep(0.005)  # back-pressure: wait for the local queue to drain
 
+    def _native_produce(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: KafkaHeaders
+    ) -> asyncio.Future[Delivered]:
+        assert self._loop is not None
+        future: asyncio.Future[Delivered] = self._loop.create_future()
+        post = self._post
+
+        def done(errors: list[str], partition: int, offset: int) -> None:  # the extension's thread
+            if errors:
+                exc = DeliveryFailed(errors[0])
+                post(lambda: _set_exception(future, exc))
+            else:
+                done_at = Delivered(topic, partition, offset)
+                post(lambda: _set_result(future, done_at))
+
+        delivery = wire.NATIVE.Delivery(1, done)
+        headers = list(headers)
+        try:
+            queued = self._native.produce(topic, key, value, headers, delivery)
+        except NATIVE_ERRORS as exc:
+            future.set_exception(DeliveryFailed(str(exc)))
+            return future
+        if not queued:  # the local queue is full: queue it once librdkafka drains a little
+            task = self._loop.create_task(self._native_produce_later(topic, key, value, headers, delivery))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        return future
+
+    async def _native_produce_later(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: KafkaHeaders, delivery: Any
+    ) -> None:
+        while True:
+            await asyncio.sleep(0.005)  # back-pressure: wait for the local queue to drain
+            native = self._native
+            if native is None:
+                delivery.failed(f"the producer was closed before the record to {topic} was queued", 1)
+                return
+            try:
+                if native.produce(topic, key, value, headers, delivery):
+                    return
+            except NATIVE_ERRORS as exc:
+                delivery.failed(str(exc), 1)
+                return
+
     async def send(
         self, topic: str, key: Any, event: AvroEvent, headers: KafkaHeaders | None = None
     ) -> Delivered:
@@ -312,9 +389,8 @@ class Producer:
         every record is settled) if any is not. ``headers`` go on every record. Every event is
         encoded before anything is queued, so an event the topic does not declare raises here and
         queues nothing. Call from the event loop."""
-        kafka = self._kafka
         loop = self._loop
-        if kafka is None or loop is None:
+        if (self._kafka is None and self._native is None) or loop is None:
             raise RuntimeError("producer not started")
         if isinstance(topic, str):
             topic = self.contracts.topic(topic)
@@ -343,6 +419,9 @@ class Producer:
             type_headers = {kind: self._type_header(kind) for kind in kinds}
             client = self._client_id_header
             ids = wire.uuid_texts([event.event_id for event in events])
+            if self._native is not None:
+                self._native_batch(name, keys, values, ids, base, events, type_headers, carried, future)
+                return future
             all_headers: list[KafkaHeaders]
             if len(kinds) == 1 and not base:  # the usual batch: the same headers but the event id
                 (type_header,) = type_headers.values()
@@ -361,6 +440,61 @@ class Producer:
             span.end()
         self._count(name, total)
         return future
+
+    def _native_batch(
+        self,
+        topic: str,
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes],
+        ids: Sequence[bytes],
+        base: KafkaHeaders,
+        events: list[AvroEvent],
+        type_headers: dict[str, tuple[str, bytes]],
+        carried: KafkaHeaders,
+        future: asyncio.Future[int],
+    ) -> None:
+        """``produce_batch`` on the native producer: one call queues the batch (each record's headers
+        are ``[*base, event type, event id, client, *carried]``, as below), one report settles it."""
+        total = len(values)
+        post = self._post
+
+        def finish(errors: list[str]) -> None:
+            if future.done():  # cancelled by the caller
+                return
+            if errors:
+                future.set_exception(BatchDeliveryFailed(topic, total, errors))
+            else:
+                future.set_result(total)
+
+        def done(errors: list[str], partition: int, offset: int) -> None:  # the extension's thread
+            post(lambda: finish(errors))
+
+        if len(type_headers) == 1:
+            heads = [[*base, *type_headers.values()]]
+        else:
+            heads = [[*base, type_headers[event.SCHEMA_NAME]] for event in events]
+        tail = [self._client_id_header, *carried]
+        delivery = wire.NATIVE.Delivery(total, done)
+        args = (topic, keys, values, heads, HEADER_EVENT_ID, ids, tail)
+        queued = self._native.produce_batch(*args, 0, delivery)
+        if queued < total:  # the local queue is full: the rest goes in as librdkafka drains
+            assert self._loop is not None
+            task = self._loop.create_task(self._native_batch_later(args, queued, total, delivery))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _native_batch_later(
+        self, args: tuple[Any, ...], queued: int, total: int, delivery: Any
+    ) -> None:
+        while queued < total:
+            await asyncio.sleep(0.005)
+            native = self._native
+            if native is None:
+                delivery.failed(
+                    f"the producer was closed before the record to {args[0]} was queued", total - queued
+                )
+                return
+            queued = native.produce_batch(*args, queued, delivery)
 
     def _queue_batch(
         self,
@@ -421,6 +555,9 @@ class Producer:
     # -- the end ------------------------------------------------------------------------------
 
     async def flush(self, timeout: float = 30.0) -> int:
+        if self._native is not None:
+            left: int = await asyncio.to_thread(self._native.flush, timeout)
+            return left
         kafka = self._kafka
         if kafka is None:
             return 0
@@ -430,6 +567,9 @@ class Producer:
     async def close(self, timeout: float = 30.0) -> None:
         remaining = await self.flush(timeout)
         self._closing.set()
+        native, self._native = self._native, None
+        if native is not None:
+            await asyncio.to_thread(native.close)
         if self._poller is not None:
             await asyncio.to_thread(self._poller.join, 5.0)
         if self._kafka is not None:

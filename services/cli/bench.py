@@ -303,6 +303,8 @@ def render_table(result: BenchResult) -> str:
         "confluent-kafka, one ready-made record = the Python client alone producing the same bytes (value, "
         "key, the bus's headers) again and again with the bus's settings: the most a Python producer on it "
         "can reach here.",
+        "reelbus produce = typed events built before the clock starts, as ProducerPerformance makes its "
+        "payload first; a service's loop = the same, each event built (new id, current time) as it is sent.",
     ]
     for name, raw in result.raw.items():
         lines.append(f"{name}: {raw}")
@@ -366,6 +368,7 @@ class HeartbeatSource:
         self.sessions = [uuid.uuid4() for _ in range(pool)]
         self.profiles = [uuid.uuid4() for _ in range(pool)]
         self.titles = [f"tt{1_000_000 + i:07d}" for i in range(pool)]
+        self._keys = [str(s) for s in self.sessions]
 
     def event(self, i: int) -> Heartbeat:
         n = len(self.sessions)
@@ -383,6 +386,12 @@ class HeartbeatSource:
 
     def key(self, event: Heartbeat) -> str:
         return str(event.session_id)
+
+    def items(self, start: int, count: int) -> list[tuple[str, Heartbeat]]:
+        """``(key, event)`` of events ``start`` to ``start + count`` (a service holds its keys as text)."""
+        keys = self._keys
+        n = len(self.sessions)
+        return [(keys[i % n], self.event(i)) for i in range(start, start + count)]
 
 
 # --- the bench -------------------------------------------------------------------------------
@@ -463,27 +472,28 @@ async def produce_events(
     label: str,
     say: Say,
     batch: int = 1,
+    prebuilt: bool = False,
 ) -> float:
     """Send ``count`` new events, ``batch`` per ``Producer.produce_batch`` call (``Producer.produce``
-    per event for 1); at most ``window`` records unacknowledged. Returns the seconds from the first
-    event built to the last one acknowledged."""
+    per event for 1); at most ``window`` records unacknowledged. ``prebuilt``: every event is built
+    before the clock starts (as ``ProducerPerformance`` makes its payload before it starts), else each
+    is built in the loop, as a service builds what it sends. Returns the seconds from the first event
+    sent (or built) to the last one acknowledged."""
     pending: collections.deque[tuple[asyncio.Future[Delivered] | asyncio.Future[int], int]] = (
         collections.deque()
     )
+    ready = [source.items(i, min(batch, count - i)) for i in range(0, count, batch)] if prebuilt else []
     in_flight = 0
     started = time.perf_counter()
     next_report = started + 2.0
     i = 0
-    while i < count:
-        n = min(batch, count - i)
+    for n_batch in range(len(ready) if prebuilt else (count + batch - 1) // batch):
+        items = ready[n_batch] if prebuilt else source.items(i, min(batch, count - i))
+        n = len(items)
         if batch == 1:
-            event = source.event(i)
-            pending.append((producer.produce(topic, source.key(event), event), 1))
+            key, event = items[0]
+            pending.append((producer.produce(topic, key, event), 1))
         else:
-            items = []
-            for j in range(i, i + n):
-                event = source.event(j)
-                items.append((source.key(event), event))
             pending.append((producer.produce_batch(topic, items), n))
         i += n
         in_flight += n
@@ -571,6 +581,7 @@ async def consume_events(
 
 READER = "confluent-kafka, reading value+key+headers"
 WRITER = "confluent-kafka, one ready-made record"
+IN_LOOP = "a service's loop: build each event, produce_batch"
 
 
 def write_records(
@@ -639,19 +650,29 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
         model, name=f"bench.{run_id}.heartbeats", partitions=opts.partitions, values=(Heartbeat.SCHEMA_NAME,)
     )
     warm = dataclasses.replace(topic, name=f"bench.{run_id}.warmup")
+    loop_topic = dataclasses.replace(topic, name=f"bench.{run_id}.in-loop")
     raw_topic = f"bench.{run_id}.kafka-perf"  # ProducerPerformance's bytes: not Avro, so no schemas
-    contracts = base.with_topics([topic, warm])
+    contracts = base.with_topics([topic, warm, loop_topic])
     registry = RegistryClient(layout.registry_url)
     admin = Admin(layout.bootstrap_servers, registry)
     groups = [f"bench-{run_id}-{name}" for name in ("kafka", "warmup", "bus", "reader")]
     floor_topic = f"bench.{run_id}.client-floor"  # confluent-kafka alone: the same bytes, no Avro
-    ours = [topic.name, topic.dlq, warm.name, warm.dlq, raw_topic, floor_topic]
+    ours = [
+        topic.name,
+        topic.dlq,
+        warm.name,
+        warm.dlq,
+        loop_topic.name,
+        loop_topic.dlq,
+        raw_topic,
+        floor_topic,
+    ]
     provider = _setup_tracing(opts.tracing, layout)
     source = HeartbeatSource()
     gc.freeze()  # as services.bus.runtime.serve() does once a service has started
     try:
         say(f"run {run_id}: creating {topic.name}, {warm.name} (with .dlq) and {raw_topic}")
-        plan = await asyncio.to_thread(admin.apply, contracts, [topic.name, warm.name])
+        plan = await asyncio.to_thread(admin.apply, contracts, [topic.name, warm.name, loop_topic.name])
         if plan.refusals:
             raise BenchError("cannot create the bench topics: " + "; ".join(plan.refusals))
         config = dict(model.config)
@@ -670,7 +691,7 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
         producer = Producer(
             ProducerConfig(layout.bootstrap_servers, client_id=f"bench-{run_id}"), contracts, producer_serde
         )
-        await producer.start([topic.name, warm.name])
+        await producer.start([topic.name, warm.name, loop_topic.name])
         try:
             sizes = {
                 len(producer_serde.encode_value(topic, source.event(i)))
@@ -750,15 +771,29 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
             await produce_events(
                 producer, warm, source, opts.warmup, opts.window, "warm-up", say, batch=opts.batch
             )
-            say(f"reelbus producer: {opts.records} Heartbeat events to {topic.name}")
-            seconds = await produce_events(
-                producer, topic, source, opts.records, opts.window, "reelbus producer", say, batch=opts.batch
-            )
             api = "Producer.produce_batch" if opts.batch > 1 else "Producer.produce"
+            say(f"reelbus producer: {opts.records} Heartbeat events to {topic.name}, built beforehand")
+            seconds = await produce_events(
+                producer,
+                topic,
+                source,
+                opts.records,
+                opts.window,
+                "reelbus producer",
+                say,
+                batch=opts.batch,
+                prebuilt=True,
+            )
             result.measurements.append(
                 Measurement("produce", f"reelbus {api}", opts.records, seconds, record_size)
             )
             say(f"reelbus producer: {opts.records / seconds:,.0f} records/s")
+            say(f"a service's loop: {opts.records} Heartbeat events to {loop_topic.name}, each built as sent")
+            seconds = await produce_events(
+                producer, loop_topic, source, opts.records, opts.window, "service loop", say, batch=opts.batch
+            )
+            result.measurements.append(Measurement("produce", IN_LOOP, opts.records, seconds, record_size))
+            say(f"a service's loop: {opts.records / seconds:,.0f} records/s")
 
             say(f"confluent-kafka writer: {opts.records} ready-made records to {floor_topic}")
             value = producer_serde.encode_value(topic, sample)
@@ -862,7 +897,11 @@ async def bench_bus(layout: infra.Layout, opts: Options, say: Say) -> BenchResul
         except Exception as exc:
             say(f"could not delete the bench topics ({', '.join(ours)}): {exc}")
         await asyncio.to_thread(_delete_groups, admin, groups)
-        subjects = [s for t in (topic, warm) for s in (t.key_subject, t.value_subject(Heartbeat.SCHEMA_NAME))]
+        subjects = [
+            s
+            for t in (topic, warm, loop_topic)
+            for s in (t.key_subject, t.value_subject(Heartbeat.SCHEMA_NAME))
+        ]
         await asyncio.to_thread(_delete_subjects, layout.registry_url, subjects, say)
 
 

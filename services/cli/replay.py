@@ -44,7 +44,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from services.bus.consumer import DLQ_PREFIX, Incoming
+from services.bus.consumer import DLQ_PREFIX, FETCH_QUEUE_BACKOFF_MS, Incoming
 from services.bus.contracts import DLQ_SUFFIX, Contracts
 from services.bus.registry import RegistryClient
 from services.bus.serde import Serde
@@ -74,6 +74,7 @@ def _consumer(bootstrap: str) -> Consumer:
             "group.id": "reelbus-replay",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,  # reading a backlog (consumer.py)
             "log_level": 3,
         }
     )

@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
-from services.bus.consumer import Incoming
+from services.bus.consumer import FETCH_QUEUE_BACKOFF_MS, Incoming
 from services.bus.contracts import DLQ_SUFFIX, Contracts
 from services.bus.registry import RegistryClient
 from services.bus.serde import PoisonMessage, Serde, split_header
@@ -75,6 +75,7 @@ def read(
             "group.id": "reelbus-tail",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,  # reading a backlog (consumer.py)
             "log_level": 3,
         }
     )

@@ -51,11 +51,14 @@ def view(**changes: Any) -> ViewRecorded:
 
 
 @asynccontextmanager
-async def producer_for(layout: Layout, contracts: Contracts, topic: Topic) -> AsyncIterator[Producer]:
+async def producer_for(
+    layout: Layout, contracts: Contracts, topic: Topic, native: bool | None = None, **extra: Any
+) -> AsyncIterator[Producer]:
     serde = Serde(contracts, RegistryClient(layout.registry_url))
-    producer = Producer(
-        ProducerConfig(layout.bootstrap_servers, client_id=unique("test-producer")), contracts, serde
+    config = ProducerConfig(
+        layout.bootstrap_servers, client_id=unique("test-producer"), native=native, extra=extra
     )
+    producer = Producer(config, contracts, serde)
     await producer.start([topic.name])
     try:
         yield producer

@@ -5,7 +5,7 @@ batches, trace contexts, partitions, event types with a batch handler, a per-rec
 record without headers or key, poison records and an error in place of a record.
 
 Pure logic over fetches built by hand: no broker (the dead-letter producer is a fake that records what
-it is given). ``tests/bus/test_fetch_sources.py`` runs both sources against the real broker.
+it is given). ``tests/bus/test_kafka_clients.py`` runs both sources against the real broker.
 """
 
 from __future__ import annotations

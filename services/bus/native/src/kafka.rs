@@ -33,7 +33,7 @@ use crate::{Codec, Reader};
 // Raised for what librdkafka refuses or reports (`KafkaError` in Python's terms).
 pyo3::create_exception!(reelbus_native, KafkaError, pyo3::exceptions::PyException);
 
-fn err_text(code: Err) -> String {
+pub(crate) fn err_text(code: Err) -> String {
     unsafe { CStr::from_ptr(rd::rd_kafka_err2str(code)) }
         .to_string_lossy()
         .into_owned()
@@ -144,6 +144,40 @@ fn setting(value: &Bound<'_, PyAny>) -> PyResult<String> {
     Ok(value.str()?.to_string())
 }
 
+/// A librdkafka configuration from a dict of settings (the caller owns it: `rd_kafka_new` or destroy).
+pub(crate) unsafe fn conf_of(config: &Bound<'_, PyDict>) -> PyResult<*mut rd::rd_kafka_conf_t> {
+    let conf = rd::rd_kafka_conf_new();
+    let mut errstr = [0 as c_char; 512];
+    for (name, value) in config.iter() {
+        let set = (|| -> PyResult<()> {
+            let name: String = name.extract()?;
+            let value = setting(&value)?;
+            let nul = |_| PyValueError::new_err("a NUL in a setting");
+            let (n, v) = (
+                CString::new(name.as_str()).map_err(nul)?,
+                CString::new(value).map_err(nul)?,
+            );
+            let res = rd::rd_kafka_conf_set(
+                conf,
+                n.as_ptr(),
+                v.as_ptr(),
+                errstr.as_mut_ptr(),
+                errstr.len(),
+            );
+            if res != rd::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK {
+                let text = CStr::from_ptr(errstr.as_ptr()).to_string_lossy();
+                return Err(KafkaError::new_err(format!("setting {name}: {text}")));
+            }
+            Ok(())
+        })();
+        if let Err(e) = set {
+            rd::rd_kafka_conf_destroy(conf);
+            return Err(e);
+        }
+    }
+    Ok(conf)
+}
+
 #[pyclass(frozen, module = "reelbus_native")]
 pub struct KafkaConsumer {
     rk: Rk,
@@ -194,30 +228,14 @@ impl KafkaConsumer {
     fn new(config: &Bound<'_, PyDict>) -> PyResult<Self> {
         let callbacks = Box::into_raw(Box::<Callbacks>::default());
         let made = unsafe {
-            let conf = rd::rd_kafka_conf_new();
-            let mut errstr = [0 as c_char; 512];
-            for (name, value) in config.iter() {
-                let name: String = name.extract()?;
-                let value = setting(&value)?;
-                let (n, v) = (
-                    CString::new(name.as_str())
-                        .map_err(|_| PyValueError::new_err("a NUL in a setting"))?,
-                    CString::new(value).map_err(|_| PyValueError::new_err("a NUL in a setting"))?,
-                );
-                let res = rd::rd_kafka_conf_set(
-                    conf,
-                    n.as_ptr(),
-                    v.as_ptr(),
-                    errstr.as_mut_ptr(),
-                    errstr.len(),
-                );
-                if res != rd::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK {
-                    rd::rd_kafka_conf_destroy(conf);
+            let conf = match conf_of(config) {
+                Ok(conf) => conf,
+                Err(e) => {
                     drop(Box::from_raw(callbacks));
-                    let text = CStr::from_ptr(errstr.as_ptr()).to_string_lossy();
-                    return Err(KafkaError::new_err(format!("setting {name}: {text}")));
+                    return Err(e);
                 }
-            }
+            };
+            let mut errstr = [0 as c_char; 512];
             rd::rd_kafka_conf_set_opaque(conf, callbacks as *mut c_void);
             rd::rd_kafka_conf_set_rebalance_cb(conf, Some(rebalance_cb));
             let rk = rd::rd_kafka_new(

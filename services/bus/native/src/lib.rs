@@ -16,6 +16,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDateTime, PyDict, PyList, PyString, PyTuple, PyType, PyTzInfo};
 mod kafka;
+mod produce;
 
 #[allow(unused_imports)]
 use pyo3::types::{PyDateAccess, PyTimeAccess, PyTzInfoAccess};
@@ -29,14 +30,24 @@ struct Ctx {
     int_name: Py<PyString>,
     is_safe_name: Py<PyString>,
     value_name: Py<PyString>,
+    // uuid.UUID's `int` and `is_safe` slot offsets (`slot_offsets`), or None.
+    uuid_slots: Option<Vec<isize>>,
 }
 
 impl Ctx {
     fn new(py: Python<'_>) -> PyResult<Self> {
         let uuid = py.import("uuid")?;
         let datetime = py.import("datetime")?;
+        let uuid_type = uuid.getattr("UUID")?.cast_into::<PyType>()?;
+        let int_name = PyString::intern(py, "int").unbind();
+        let is_safe_name = PyString::intern(py, "is_safe").unbind();
+        let uuid_slots = slot_offsets(
+            &uuid_type,
+            &[int_name.clone_ref(py), is_safe_name.clone_ref(py)],
+        );
         Ok(Ctx {
-            uuid_type: uuid.getattr("UUID")?.cast_into::<PyType>()?.unbind(),
+            uuid_slots,
+            uuid_type: uuid_type.unbind(),
             safe_unknown: uuid.getattr("SafeUUID")?.getattr("unknown")?.unbind(),
             utc: datetime
                 .getattr("timezone")?
@@ -47,8 +58,8 @@ impl Ctx {
                 .getattr("datetime")?
                 .cast_into::<PyType>()?
                 .unbind(),
-            int_name: PyString::intern(py, "int").unbind(),
-            is_safe_name: PyString::intern(py, "is_safe").unbind(),
+            int_name,
+            is_safe_name,
             value_name: PyString::intern(py, "value").unbind(),
         })
     }
@@ -80,6 +91,8 @@ enum Node {
         names: Vec<Py<PyString>>,
         fields: Vec<Node>,
         direct: bool,
+        // The fields' slot offsets (`slot_offsets`), or None: then `object.__setattr__`'s way.
+        offsets: Option<Vec<isize>>,
         // Instances can never be part of a reference cycle (a frozen class without __dict__ whose
         // fields hold only immutable, untracked or global objects): made untracked by the garbage
         // collector, as CPython does with tuples of atoms, so it does not scan them again and again.
@@ -193,11 +206,17 @@ impl Node {
                     false
                 };
                 let untrack = direct && sealed && fields.iter().all(Node::atomic);
+                let offsets = if direct {
+                    slot_offsets(cls.bind(py), &names)
+                } else {
+                    None
+                };
                 Node::Record {
                     cls,
                     names,
                     fields,
                     direct,
+                    offsets,
                     untrack,
                 }
             }
@@ -440,6 +459,7 @@ impl Node {
                 names,
                 fields,
                 direct,
+                offsets,
                 untrack: untracked,
             } => {
                 let cls = cls.bind(py);
@@ -447,9 +467,16 @@ impl Node {
                     // What the dataclass's own __init__ does (object.__setattr__ per field), without
                     // the call: allocate, then set each slot.
                     let made = alloc(cls)?;
-                    for (name, field) in names.iter().zip(fields.iter()) {
-                        let x = field.read(ctx, py, r)?;
-                        set_generic(&made, name.bind(py), &x)?;
+                    if let Some(offsets) = offsets {
+                        for (offset, field) in offsets.iter().zip(fields.iter()) {
+                            let x = field.read(ctx, py, r)?;
+                            set_slot(&made, *offset, &x);
+                        }
+                    } else {
+                        for (name, field) in names.iter().zip(fields.iter()) {
+                            let x = field.read(ctx, py, r)?;
+                            set_generic(&made, name.bind(py), &x)?;
+                        }
                     }
                     if *untracked {
                         untrack(&made);
@@ -594,6 +621,40 @@ fn alloc<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
+/// The offsets of `names`' slots in instances of `cls` (`__slots__` members holding an object), when
+/// every one is such a slot: then a fresh instance's fields can be written straight into it, as
+/// `object.__setattr__` would after finding the same member descriptor.
+fn slot_offsets(cls: &Bound<'_, PyType>, names: &[Py<PyString>]) -> Option<Vec<isize>> {
+    let py = cls.py();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let descr = cls.getattr(name.bind(py)).ok()?;
+        unsafe {
+            if ffi::Py_TYPE(descr.as_ptr()) != std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type) {
+                return None;
+            }
+            let member = (*(descr.as_ptr() as *mut ffi::PyMemberDescrObject)).d_member
+                as *const ffi::PyMemberDef;
+            if (*member).type_code != ffi::Py_T_OBJECT_EX || (*member).flags & ffi::Py_READONLY != 0
+            {
+                return None;
+            }
+            out.push((*member).offset);
+        }
+    }
+    Some(out)
+}
+
+/// Write `value` into the slot at `offset` of `obj` (a fresh instance, see `slot_offsets`).
+fn set_slot(obj: &Bound<'_, PyAny>, offset: isize, value: &Bound<'_, PyAny>) {
+    unsafe {
+        let slot = (obj.as_ptr() as *mut u8).offset(offset) as *mut *mut ffi::PyObject;
+        let old = *slot;
+        *slot = value.clone().into_ptr();
+        ffi::Py_XDECREF(old);
+    }
+}
+
 fn set_generic(
     obj: &Bound<'_, PyAny>,
     name: &Bound<'_, PyString>,
@@ -609,8 +670,13 @@ fn set_generic(
 fn make_uuid<'py>(ctx: &Ctx, py: Python<'py>, n: u128) -> PyResult<Bound<'py, PyAny>> {
     let made = alloc(ctx.uuid_type.bind(py))?;
     let int = n.into_pyobject(py)?.into_any();
-    set_generic(&made, ctx.int_name.bind(py), &int)?;
-    set_generic(&made, ctx.is_safe_name.bind(py), ctx.safe_unknown.bind(py))?;
+    if let Some(slots) = &ctx.uuid_slots {
+        set_slot(&made, slots[0], &int);
+        set_slot(&made, slots[1], ctx.safe_unknown.bind(py));
+    } else {
+        set_generic(&made, ctx.int_name.bind(py), &int)?;
+        set_generic(&made, ctx.is_safe_name.bind(py), ctx.safe_unknown.bind(py))?;
+    }
     // A uuid.UUID holds an int and a global enum member and cannot be changed: never in a cycle.
     untrack(&made);
     Ok(made)
@@ -991,6 +1057,7 @@ fn encode_strings<'py>(
 struct Builder {
     cls: Py<PyType>,
     names: Vec<Py<PyString>>,
+    offsets: Option<Vec<isize>>,
 }
 
 #[pymethods]
@@ -1003,10 +1070,12 @@ impl Builder {
                 let s: String = n.extract()?;
                 Ok(PyString::intern(py, &s).unbind())
             })
-            .collect::<PyResult<_>>()?;
+            .collect::<PyResult<Vec<Py<PyString>>>>()?;
+        let offsets = slot_offsets(cls, &names);
         Ok(Builder {
             cls: cls.clone().unbind(),
             names,
+            offsets,
         })
     }
 
@@ -1035,8 +1104,14 @@ impl Builder {
         values: impl Iterator<Item = Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let made = alloc(self.cls.bind(py))?;
-        for (name, value) in self.names.iter().zip(values) {
-            set_generic(&made, name.bind(py), &value)?;
+        if let Some(offsets) = &self.offsets {
+            for (offset, value) in offsets.iter().zip(values) {
+                set_slot(&made, *offset, &value);
+            }
+        } else {
+            for (name, value) in self.names.iter().zip(values) {
+                set_generic(&made, name.bind(py), &value)?;
+            }
         }
         Ok(made)
     }
@@ -1065,6 +1140,8 @@ fn reelbus_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<kafka::KafkaConsumer>()?;
     m.add_class::<kafka::Fetched>()?;
     m.add_class::<kafka::Headers>()?;
+    m.add_class::<produce::KafkaProducer>()?;
+    m.add_class::<produce::Delivery>()?;
     m.add("KafkaError", m.py().get_type::<kafka::KafkaError>())?;
     m.add("PLAN_VERSION", 2)?;
     Ok(())

@@ -1,8 +1,10 @@
-"""Both Kafka clients under the bus consumer (``services/bus/fetch.py``), against the real broker: the
-native one (librdkafka inside ``reelbus_native``) and confluent-kafka's ``Consumer``. Each must hand the
-handlers the same events and records (key, headers, offsets), send the same poison record to the dead
-letters, commit every handled offset, and report lag from what it committed; and read records written
-in every compression codec (the native client's librdkafka is built here, with its own codecs).
+"""Both Kafka clients under the bus (``services/bus/fetch.py``, ``services/bus/producer.py``), against
+the real broker: the native ones (librdkafka inside ``reelbus_native``) and confluent-kafka's. Each
+consumer must hand the handlers the same events and records (key, headers, offsets), send the same
+poison record to the dead letters, commit every handled offset, report lag from what it committed, and
+read records written in every compression codec (the native librdkafka is built here, with its own
+codecs); each producer must deliver batches, single records and raw records, also when its local queue
+is full.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ async def test_each_client_hands_over_every_record_once_and_commits_it(
     async def handle(items: list[tuple[Any, Record]]) -> None:
         seen.extend(items)
 
-    async with producer_for(bus_infra, contracts, topic) as producer:
+    async with producer_for(bus_infra, contracts, topic, native=native) as producer:
         await producer.send_batch(topic.name, [(str(e.profile_id), e) for e in batch])
         await producer.send(topic.name, str(alone.profile_id), alone)
         await producer.send_raw(topic.name, b"a key", b"not avro", [("origin", b"test")])
@@ -92,3 +94,33 @@ async def test_each_client_hands_over_every_record_once_and_commits_it(
     assert letter["headers"]["origin"] == "test"
     assert letter["headers"]["reelbus.dlq.stage"] == "decode"
     assert "not Avro" in letter["headers"]["reelbus.dlq.reason"]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "confluent-kafka"])
+async def test_a_batch_larger_than_the_local_queue_is_delivered_whole(
+    bus_infra: Layout, make_topic: TopicFactory, native: bool
+) -> None:
+    """A local queue of 50 records: the producer queues what fits and the rest as librdkafka drains."""
+    contracts, topic = await make_topic(partitions=2)
+    batches = [[view(title_id=f"b{b}-{i}") for i in range(400)] for b in range(3)]
+    small = {"queue.buffering.max.messages": 50}
+    async with producer_for(bus_infra, contracts, topic, native=native, **small) as producer:
+        counts = asyncio.gather(
+            *(producer.send_batch(topic.name, [(str(e.profile_id), e) for e in b]) for b in batches)
+        )
+        alone = asyncio.gather(
+            *(producer.send(topic.name, "alone", view(title_id=f"alone-{i}")) for i in range(20))
+        )
+        assert await counts == [400, 400, 400]
+        assert all(d.topic == topic.name and d.offset >= 0 for d in await alone)
+    seen: list[tuple[Any, Record]] = []
+
+    async def handle(items: list[tuple[Any, Record]]) -> None:
+        seen.extend(items)
+
+    async with producer_for(bus_infra, contracts, topic, native=native) as dead:
+        handlers = {ViewRecorded.SCHEMA_NAME: batched(handle)}
+        async with consuming(bus_infra, contracts, topic, handlers, dead, native=native):
+            await until(lambda: len(seen) >= 1220, "every record to be consumed")
+    titles = collections.Counter(e.title_id for e, _ in seen)
+    assert len(titles) == 1220 and set(titles.values()) == {1}
