@@ -178,6 +178,23 @@ pub(crate) unsafe fn conf_of(config: &Bound<'_, PyDict>) -> PyResult<*mut rd::rd
     Ok(conf)
 }
 
+/// `rd_kafka_new` of `kind` with `conf` (destroyed here if that fails; librdkafka's otherwise).
+pub(crate) unsafe fn client(
+    kind: rd::rd_kafka_type_t,
+    conf: *mut rd::rd_kafka_conf_t,
+) -> PyResult<*mut rd::rd_kafka_t> {
+    let mut errstr = [0 as c_char; 512];
+    let rk = rd::rd_kafka_new(kind, conf, errstr.as_mut_ptr(), errstr.len());
+    if rk.is_null() {
+        rd::rd_kafka_conf_destroy(conf);
+        let text = CStr::from_ptr(errstr.as_ptr()).to_string_lossy();
+        return Err(KafkaError::new_err(format!(
+            "cannot create the {kind:?} client: {text}"
+        )));
+    }
+    Ok(rk)
+}
+
 #[pyclass(frozen, module = "reelbus_native")]
 pub struct KafkaConsumer {
     rk: Rk,
@@ -235,23 +252,15 @@ impl KafkaConsumer {
                     return Err(e);
                 }
             };
-            let mut errstr = [0 as c_char; 512];
             rd::rd_kafka_conf_set_opaque(conf, callbacks as *mut c_void);
             rd::rd_kafka_conf_set_rebalance_cb(conf, Some(rebalance_cb));
-            let rk = rd::rd_kafka_new(
-                rd::rd_kafka_type_t::RD_KAFKA_CONSUMER,
-                conf,
-                errstr.as_mut_ptr(),
-                errstr.len(),
-            );
-            if rk.is_null() {
-                rd::rd_kafka_conf_destroy(conf);
-                drop(Box::from_raw(callbacks));
-                let text = CStr::from_ptr(errstr.as_ptr()).to_string_lossy();
-                return Err(KafkaError::new_err(format!(
-                    "cannot create the consumer: {text}"
-                )));
-            }
+            let rk = match client(rd::rd_kafka_type_t::RD_KAFKA_CONSUMER, conf) {
+                Ok(rk) => rk,
+                Err(e) => {
+                    drop(Box::from_raw(callbacks));
+                    return Err(e);
+                }
+            };
             rd::rd_kafka_poll_set_consumer(rk);
             (rk, rd::rd_kafka_queue_get_consumer(rk))
         };

@@ -8,7 +8,7 @@
 //! alone) counts its records down; the last report calls its `done(errors, partition, offset)` once.
 
 use std::ffi::{CStr, CString};
-use std::os::raw::{c_char, c_int, c_void};
+use std::os::raw::{c_int, c_void};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -255,20 +255,7 @@ impl KafkaProducer {
         let rk = unsafe {
             let conf = crate::kafka::conf_of(config)?;
             rd::rd_kafka_conf_set_dr_msg_cb(conf, Some(delivered_cb));
-            let mut errstr = [0 as c_char; 512];
-            let rk = rd::rd_kafka_new(
-                rd::rd_kafka_type_t::RD_KAFKA_PRODUCER,
-                conf,
-                errstr.as_mut_ptr(),
-                errstr.len(),
-            );
-            if rk.is_null() {
-                rd::rd_kafka_conf_destroy(conf);
-                let text = CStr::from_ptr(errstr.as_ptr()).to_string_lossy();
-                return Err(KafkaError::new_err(format!(
-                    "cannot create the producer: {text}"
-                )));
-            }
+            let rk = crate::kafka::client(rd::rd_kafka_type_t::RD_KAFKA_PRODUCER, conf)?;
             Arc::new(Handle(rk))
         };
         let closing = Arc::new(AtomicBool::new(false));
