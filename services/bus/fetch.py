@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from services.bus import wire
-from services.bus.tracing import KafkaHeaders, normalize_headers
+from services.bus.tracing import KafkaHeaders, normalize_headers, trace_key
 
 Partitions = list[tuple[str, int]]
 Callback = Callable[[Partitions], None]
@@ -154,20 +154,17 @@ class MessageFetch:
             return []
         return raw if type(raw) is list else normalize_headers(raw)
 
-    def _trace_key(self, i: int, fields: list[str]) -> list[tuple[str, Any]]:
-        return [(k, v) for k, v in self.headers(i) if k in fields]
-
     def group_end(self, start: int, fields: list[str]) -> int:
         msgs = self.msgs
         first = msgs[start]
         topic, partition = first.topic(), first.partition()
-        key = self._trace_key(start, fields)
+        key = trace_key(self.headers(start), fields)
         end = start + 1
         while end < len(msgs):
             msg = msgs[end]
             if msg.error() is not None or msg.partition() != partition or msg.topic() != topic:
                 break
-            if self._trace_key(end, fields) != key:
+            if trace_key(self.headers(end), fields) != key:
                 break
             end += 1
         return end

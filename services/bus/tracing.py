@@ -9,7 +9,7 @@ overrides the service name; ``OTEL_RESOURCE_ATTRIBUTES`` adds attributes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -130,7 +130,7 @@ def propagation_fields() -> frozenset[str]:
     return frozenset(propagate.get_global_textmap().fields)
 
 
-def trace_key(headers: Iterable[tuple[str, HeaderValue]], fields: frozenset[str]) -> tuple[Any, ...]:
+def trace_key(headers: Iterable[tuple[str, HeaderValue]], fields: Collection[str]) -> tuple[Any, ...]:
     """The trace-context headers of a record: records with the same key were sent in one PRODUCER span
     (one batch), so they can share one CONSUMER span. Empty when the record carries no context."""
     return tuple([(k, v) for k, v in headers if k in fields])
