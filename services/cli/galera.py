@@ -258,6 +258,11 @@ def socket_path(layout: Layout, name: str) -> Path:
     return run_dir(layout) / f"{name}.sock"
 
 
+def tmpdir(layout: Layout, name: str) -> Path:
+    """The server's own temporary folder (its config's ``tmpdir``), beside its socket."""
+    return _owned_dir(run_dir(layout) / f"{name}.tmp")
+
+
 def _prepare_datadir(layout: Layout, name: str) -> Path:
     link = layout.data / name
     home = _home(layout)
@@ -382,6 +387,7 @@ def _node_config(layout: Layout, node: Node, ports: Ports) -> Path:
         "name": node.name,
         "datadir": datadir(layout, node.name),
         "socket": socket_path(layout, node.name),
+        "tmpdir": tmpdir(layout, node.name),
         "pid_file": run / f"{node.name}.pid",
         "port": node.port,
         "gtid_domain_id": node.gtid_domain_id,
@@ -419,6 +425,7 @@ def _init_datadir(layout: Layout, name: str) -> None:
         INSTALL_DB,
         "--no-defaults",
         f"--datadir={data}",
+        f"--tmpdir={tmpdir(layout, name)}",  # not /tmp: see deploy/native/galera/galera-node.cnf
         "--auth-root-authentication-method=socket",
         "--skip-test-db",
         "--skip-name-resolve",

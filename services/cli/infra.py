@@ -896,6 +896,7 @@ async def up(
     done: dict[str, asyncio.Event] = {c.name: asyncio.Event() for c in all_components()}
     started: list[str] = []
     reused: list[str] = []
+    spawned: list[str] = []  # started by this call, healthy or not yet
 
     async def bring_up(comp: Component) -> None:
         for dep in comp.after:
@@ -915,6 +916,7 @@ async def up(
                 )
             say(f"starting {comp.name}")
             proc = await asyncio.to_thread(comp.start, layout)
+            spawned.append(comp.name)
             await _wait_healthy(layout, comp, proc)
             started.append(comp.name)
         if comp.post_start is not None:
@@ -929,6 +931,9 @@ async def up(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if spawned:  # what this call started does not outlive its failure (stopped by pid)
+            say(f"stopping what was started: {', '.join(spawned)}")
+            await asyncio.to_thread(down, layout, spawned, say)
         raise
     return UpResult(started=started, reused=reused, seconds=time.monotonic() - t0)
 
