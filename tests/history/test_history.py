@@ -248,7 +248,9 @@ async def test_a_reader_concurrent_with_many_rollups_never_misses_or_doubles_a_r
     assert len(baseline) == 8
 
     published: list[uuid.UUID] = list(initial)
-    seen: set[str] = set(baseline)  # once a record is visible, it must stay visible
+    # Once a record is visible, it must stay visible to every read that starts after the read that saw
+    # it returned (two readers run at once: a read already under way may not have it yet).
+    seen: dict[str, float] = dict.fromkeys(baseline, 0.0)  # id -> when the read that saw it returned
     reads = rollups = moved = 0
     deadline = time.monotonic() + 30
     done = asyncio.Event()
@@ -270,16 +272,19 @@ async def test_a_reader_concurrent_with_many_rollups_never_misses_or_doubles_a_r
     async def reader() -> None:
         nonlocal reads
         while not done.is_set():
+            started = time.monotonic()
             items = (await history.history(viewer, full=True))["items"]
+            returned = time.monotonic()
             ids = [i["session_id"] for i in items]
             doubled = [s for s, n in Counter(ids).items() if n > 1]
             assert not doubled, f"read {reads}: doubled {doubled}"
-            missing = seen - set(ids)
+            missing = {s for s, at in seen.items() if at < started} - set(ids)
             assert not missing, f"read {reads}: {len(missing)} record(s) seen before are missing: {missing}"
             for item in items:
                 if item["session_id"] in baseline:
                     assert item == baseline[item["session_id"]]
-            seen.update(ids)
+            for s in ids:
+                seen.setdefault(s, returned)
             reads += 1
             if (reads >= 60 and rollups >= 60) or time.monotonic() > deadline:
                 done.set()
