@@ -43,28 +43,28 @@ fn kafka_error(what: &str, code: Err) -> PyErr {
     KafkaError::new_err(format!("{what}: {} ({code:?})", err_text(code)))
 }
 
-/// A librdkafka handle shared with the threads that call into it (librdkafka is thread-safe).
-#[derive(Clone, Copy)]
-struct Rk(*mut rd::rd_kafka_t);
-unsafe impl Send for Rk {}
-unsafe impl Sync for Rk {}
+/// A librdkafka object (handle, queue, partition list) handed to the threads that call into it
+/// without the GIL (librdkafka is thread-safe).
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
 
-impl Rk {
-    fn get(self) -> *mut rd::rd_kafka_t {
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Shared<T> {}
+
+impl<T> Shared<T> {
+    fn get(self) -> *mut T {
         self.0
     }
 }
 
-#[derive(Clone, Copy)]
-struct Queue(*mut rd::rd_kafka_queue_t);
-unsafe impl Send for Queue {}
-unsafe impl Sync for Queue {}
-
-impl Queue {
-    fn get(self) -> *mut rd::rd_kafka_queue_t {
-        self.0
-    }
-}
+type Rk = Shared<rd::rd_kafka_t>;
+type Queue = Shared<rd::rd_kafka_queue_t>;
 
 /// The rebalance callbacks and what they raised (raised again from the `fetch` or `close` that ran
 /// them, as confluent-kafka does).
@@ -265,8 +265,8 @@ impl KafkaConsumer {
             (rk, rd::rd_kafka_queue_get_consumer(rk))
         };
         Ok(KafkaConsumer {
-            rk: Rk(made.0),
-            queue: Queue(made.1),
+            rk: Shared(made.0),
+            queue: Shared(made.1),
             callbacks,
             closed: AtomicBool::new(false),
         })
@@ -360,7 +360,7 @@ impl KafkaConsumer {
         if offsets.is_empty() {
             return Ok(());
         }
-        let list = Tpl(partition_list(&offsets)?);
+        let list = Shared(partition_list(&offsets)?);
         let code = py.detach(move || {
             let list = list;
             let code = unsafe { rd::rd_kafka_commit(rk.get(), list.get(), 0) };
@@ -401,7 +401,7 @@ impl KafkaConsumer {
             .into_iter()
             .map(|(t, p)| (t, p, rd::RD_KAFKA_OFFSET_INVALID as i64))
             .collect();
-        let list = Tpl(partition_list(&items)?);
+        let list = Shared(partition_list(&items)?);
         let timeout_ms = (timeout * 1000.0) as c_int;
         let code = py.detach(move || {
             let list = list;
@@ -492,16 +492,6 @@ impl Drop for KafkaConsumer {
             rd::rd_kafka_destroy(self.rk.get());
             drop(Box::from_raw(self.callbacks));
         }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Tpl(*mut rd::rd_kafka_topic_partition_list_t);
-unsafe impl Send for Tpl {}
-
-impl Tpl {
-    fn get(self) -> *mut rd::rd_kafka_topic_partition_list_t {
-        self.0
     }
 }
 
